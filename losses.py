@@ -1,0 +1,128 @@
+"""The two SPLADE training objectives of the recipe, with FLOPS regularisation (SPEC.md).
+
+Both follow the sentence-transformers loss interface, `forward(sentence_features, labels)`, and return
+a dict of the weighted terms, which the trainer sums for backward and logs one by one. What a
+researcher watches besides them (the current lambdas, the raw FLOPS values, active dimensions per
+query and per document) accumulates in the loss until `pop_stats()` hands the averages to the logs.
+The lambda warm-up follows `loss.step`, which the trainer sets to its optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def flops(x: torch.Tensor) -> torch.Tensor:
+    """FLOPS regulariser: sum over the vocabulary of (mean over the batch of |x[:, v]|)^2."""
+    return (x.abs().mean(dim=0) ** 2).sum()
+
+
+def warmed_up(value: float, step: int, warmup_steps: int) -> float:
+    """lambda_t = lambda * min(1, t / T)^2; T = 0 keeps lambda constant (the original recipe)."""
+    if warmup_steps <= 0:
+        return value
+    return value * min(1.0, step / warmup_steps) ** 2
+
+
+def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows, keeping this rank's gradient path (torchrun/DDP); x itself on one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x))
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _SpladeLoss(nn.Module):
+    """Shared mechanics: lambdas with warm-up, encoding, statistics for the logs."""
+
+    def __init__(self, model: nn.Module, lambda_q: float, lambda_d: float, lambda_warmup_steps: int = 0):
+        super().__init__()
+        if lambda_q < 0 or lambda_d < 0:
+            raise ValueError(f"lambda_q and lambda_d must be >= 0, got {lambda_q} and {lambda_d}")
+        self.model = model
+        self.lambda_q = lambda_q
+        self.lambda_d = lambda_d
+        self.lambda_warmup_steps = lambda_warmup_steps
+        self.step = 0  # the optimizer step, set by the trainer so that a resumed run continues the warm-up
+        self.stats = defaultdict(float)
+        self.calls = 0
+
+    def current_lambdas(self) -> tuple[float, float]:
+        return (
+            warmed_up(self.lambda_q, self.step, self.lambda_warmup_steps),
+            warmed_up(self.lambda_d, self.step, self.lambda_warmup_steps),
+        )
+
+    def embed(self, sentence_features) -> list[torch.Tensor]:
+        return [self.model(features)["sentence_embedding"] for features in sentence_features]
+
+    def regularise(self, queries: torch.Tensor, documents: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """lambda_q * FLOPS(queries) + lambda_d * sum of FLOPS over the document groups, over all ranks."""
+        lambda_q, lambda_d = self.current_lambdas()
+        queries = gather_across_ranks(queries)
+        documents = [gather_across_ranks(group) for group in documents]
+        flops_q = flops(queries)
+        flops_d = sum(flops(group) for group in documents)
+        self.calls += 1
+        with torch.no_grad():
+            self.record(
+                lambda_q=lambda_q,
+                lambda_d=lambda_d,
+                flops_q=flops_q,
+                flops_d=flops_d,
+                active_dims_q=(queries > 0).sum(dim=1).float().mean(),
+                active_dims_d=torch.cat(documents).gt(0).sum(dim=1).float().mean(),
+            )
+        return {"flops_q_loss": lambda_q * flops_q, "flops_d_loss": lambda_d * flops_d}
+
+    def record(self, **values) -> None:
+        # Tensors stay on their device until pop_stats: no GPU sync on every step.
+        for name, value in values.items():
+            self.stats[name] = self.stats[name] + (value.detach() if torch.is_tensor(value) else value)
+
+    def pop_stats(self) -> dict[str, float]:
+        """Averages over the forward calls since the last pop, for the logs."""
+        averages = {name: float(value) / max(1, self.calls) for name, value in self.stats.items()}
+        self.stats.clear()
+        self.calls = 0
+        return averages
+
+
+class MultipleNegativesRankingLossSplade(_SpladeLoss):
+    """Splade_max: in-batch cross-entropy on dot products (scale 1) + lambda_d FLOPS(candidates) + lambda_q FLOPS(q).
+
+    Inputs: (query, positive, negative_1, ..., negative_n). The candidates of query i are all positives,
+    then all negatives, of the batch (gathered across ranks under torchrun); its target is its own positive.
+    """
+
+    def forward(self, sentence_features, labels=None) -> dict[str, torch.Tensor]:
+        queries, *documents = self.embed(sentence_features)
+        candidates = torch.cat([gather_across_ranks(group) for group in documents])
+        scores = queries @ candidates.T
+        positives_before_this_rank = _rank() * len(queries)
+        targets = torch.arange(len(queries), device=scores.device) + positives_before_this_rank
+        ranking = F.cross_entropy(scores, targets)
+        self.record(ranking_loss=ranking)
+        return {"ranking_loss": ranking, **self.regularise(queries, [torch.cat(documents)])}
+
+
+class MarginMSELossSplade(_SpladeLoss):
+    """DistilSplade: MSE of (q.pos - q.neg) against the cross-encoder margin + lambda_d (FLOPS(pos) + FLOPS(neg)) + lambda_q FLOPS(q).
+
+    Inputs: (query, positive, negative) and labels = CE(q, pos) - CE(q, neg).
+    """
+
+    def forward(self, sentence_features, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        queries, positives, negatives = self.embed(sentence_features)
+        margins = (queries * positives).sum(dim=1) - (queries * negatives).sum(dim=1)
+        mse = F.mse_loss(margins, labels.to(margins.dtype))
+        self.record(mse_loss=mse)
+        return {"mse_loss": mse, **self.regularise(queries, [positives, negatives])}

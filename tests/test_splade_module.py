@@ -1,0 +1,168 @@
+"""SpladeMax against sentence-transformers' SparseEncoder, the naive formula, and its own saved copies."""
+
+import json
+
+import pytest
+import torch
+from sentence_transformers import SparseEncoder
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertModel
+
+import splade_module
+from conftest import BEIR
+from splade_module import SpladeMax, SpladeMaxHead, load_splade, splade_max_naive
+
+QUERY = "what is the capital of france"
+
+
+def cranfield_texts(n):
+    with open(BEIR / "cranfield" / "corpus.jsonl") as f:
+        return [json.loads(next(f))["text"] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model(splade_tiny_path):
+    return load_splade(splade_tiny_path)
+
+
+def embed(model, texts):
+    return model[0](model[0].preprocess(texts))["sentence_embedding"]
+
+
+def test_vectors_equal_sparse_encoder_on_real_texts(model, splade_tiny_path):
+    texts = [QUERY] + cranfield_texts(24)  # lengths differ, so most rows are padded
+    reference = SparseEncoder(splade_tiny_path).encode(texts, convert_to_tensor=True, convert_to_sparse_tensor=False)
+    with torch.inference_mode():
+        ours = embed(model, texts)
+    assert ours.shape == (25, 30522)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    assert (ours > 0).sum(1).min() > 5
+
+
+def test_query_expands_to_sensible_terms(model):
+    with torch.inference_mode():
+        weights = embed(model, [QUERY])[0]
+    top = model[0].tokenizer.convert_ids_to_tokens(weights.topk(10).indices)
+    assert {"capital", "france"} <= set(top[:3])
+
+
+def test_tokenisation_strips_pads_and_truncates(model):
+    features = model[0].preprocess(["  hello world \n", "a much longer text " * 400])
+    assert features["input_ids"].shape == (2, 512)  # padded to the longest, truncated at max_seq_length
+    assert features["attention_mask"][0].sum() == 4  # [CLS] hello world [SEP]: whitespace stripped
+    short = SpladeMax(mlm=model[0].model, tokenizer=model[0].tokenizer, max_seq_length=16)
+    assert short.preprocess(["word " * 100])["input_ids"].shape == (1, 16)
+
+
+def random_head_inputs(batch, length, hidden=16, vocab=50, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden_states = torch.randn(batch, length, hidden, generator=generator, dtype=dtype)
+    weight = torch.randn(vocab, hidden, generator=generator, dtype=dtype) * 0.5
+    bias = torch.randn(vocab, generator=generator, dtype=dtype) * 0.5 - 1.0  # many terms inactive
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for i in range(1, batch):
+        mask[i, length - i * (length // batch) :] = 0  # padded tails of different lengths
+    return hidden_states, mask, weight, bias
+
+
+def naive(hidden_states, mask, weight, bias):
+    return splade_max_naive(torch.nn.functional.linear(hidden_states, weight, bias), mask)
+
+
+def values_and_grads(fn, hidden_states, mask, weight, bias, upstream):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden_states, weight, bias)]
+    out = fn(leaves[0], mask, leaves[1], leaves[2])
+    (out * upstream).sum().backward()
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("batch,length", [(1, 7), (4, 12), (6, 33)])
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+def test_lean_head_equals_naive_formula(monkeypatch, batch, length, backward):
+    monkeypatch.setattr(splade_module, "LOGITS_PER_CHUNK", 3 * 50 * batch)  # several token chunks
+    monkeypatch.setattr(splade_module, "ACTIVE_PER_CHUNK", 7)  # several gather slices
+    monkeypatch.setattr(splade_module, "DENSE_BACKWARD_DENSITY", 2.0 if backward == "sparse" else -1.0)
+    inputs = random_head_inputs(batch, length)
+    upstream = torch.rand(batch, 50, generator=torch.Generator().manual_seed(1))
+    expected = values_and_grads(naive, *inputs, upstream)
+    lean = values_and_grads(SpladeMaxHead.apply, *inputs, upstream)
+    autograd_chunked = values_and_grads(
+        lambda *a: torch.log1p(torch.relu(splade_module.max_logits(*a)[0])), *inputs, upstream
+    )
+    assert 0 < (expected[0] > 0).float().mean() < 1  # both active and inactive terms occur
+    for got in (lean, autograd_chunked):
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_lean_head_bf16_within_rounding():
+    inputs = random_head_inputs(4, 20, hidden=32, vocab=64, dtype=torch.bfloat16)
+    upstream = torch.rand(4, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    expected = values_and_grads(naive, *inputs, upstream)  # the same formula, autograd in bf16
+    got = values_and_grads(SpladeMaxHead.apply, *inputs, upstream)
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.bfloat16
+        # bf16 keeps 8 bits of mantissa; our backward accumulates in fp32, autograd's in bf16.
+        torch.testing.assert_close(g.float(), e.float(), atol=2e-2 * e.float().abs().max().item(), rtol=2e-2)
+
+
+@pytest.mark.parametrize("lean_head", [True, False])
+def test_gradients_on_real_checkpoint_equal_naive(splade_tiny_path, lean_head):
+    texts = [QUERY, "aerodynamic heating of a blunt body in hypersonic flow"] + cranfield_texts(2)
+    model = load_splade(splade_tiny_path, max_seq_length=64, lean_head=lean_head)
+    reference = AutoModelForMaskedLM.from_pretrained(splade_tiny_path)
+    features = model[0].preprocess(texts)
+    upstream = torch.rand(len(texts), 30522, generator=torch.Generator().manual_seed(3))
+
+    ours = model[0](dict(features))["sentence_embedding"]
+    (ours * upstream).sum().backward()
+    logits = reference(input_ids=features["input_ids"], attention_mask=features["attention_mask"]).logits
+    theirs = splade_max_naive(logits, features["attention_mask"])
+    (theirs * upstream).sum().backward()
+
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    grads = dict(reference.named_parameters())
+    for name, parameter in model[0].model.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_save_reloads_three_ways_with_identical_vectors(model, tmp_path):
+    texts = [QUERY] + cranfield_texts(5)
+    path = str(tmp_path / "saved")
+    model.save(path)
+    with torch.inference_mode():
+        original = embed(model, texts)
+        ours = embed(load_splade(path), texts)
+        sparse_encoder = SparseEncoder(path).encode(texts, convert_to_tensor=True, convert_to_sparse_tensor=False)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        features = tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+        logits = AutoModelForMaskedLM.from_pretrained(path)(**features).logits
+        transformers_only = splade_max_naive(logits, features["attention_mask"])
+    for reloaded in (ours, sparse_encoder, transformers_only):
+        torch.testing.assert_close(reloaded, original, atol=1e-5, rtol=0)
+
+
+def test_saved_max_seq_length_survives(splade_tiny_path, tmp_path):
+    load_splade(splade_tiny_path, max_seq_length=96).save(str(tmp_path))
+    assert load_splade(str(tmp_path))[0].max_seq_length == 96
+    assert SparseEncoder(str(tmp_path)).max_seq_length == 96
+
+
+def test_no_hidden_data_parallel(model):
+    assert not any(isinstance(m, torch.nn.DataParallel) for m in model.modules())
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(OSError, match="Cannot load a model from"):
+        load_splade(str(tmp_path / "no-such-model"))
+
+
+def test_model_without_mlm_head_is_refused(tmp_path, splade_tiny_path):
+    BertModel(BertConfig.from_pretrained(splade_tiny_path)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(splade_tiny_path).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no masked-LM head"):
+        load_splade(str(tmp_path))
+
+
+def test_texts_must_be_strings(model):
+    with pytest.raises(TypeError, match="input 1 is a int"):
+        model[0].preprocess(["fine", 42])
