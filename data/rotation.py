@@ -1,0 +1,95 @@
+"""Per-epoch rotation of positives and negatives that survives the sentence-transformers trainer.
+
+SPEC.md, "Per-epoch sampling": in epoch e each query is visited once, in shuffled order, and takes
+positive pos[e mod |pos|] and negative neg[e mod |neg|]. sentence-transformers >= 3 trains from a fixed
+`datasets.Dataset`, which would freeze one triple per query. So:
+
+- make_train_dataset() builds a Dataset of E x N virtual rows (one int column, "row"); row j is query
+  i = j % N in epoch e = j // N, and a transform turns it into {"query", "positive", "negative"[, "label"]}
+  when the data loader reads it;
+- EpochRotationBatchSampler, which the trainer builds and calls set_epoch(e) on at the start of every
+  epoch, yields in epoch e the rows e*N + perm_e, perm_e a permutation of range(N) seeded by (seed, e).
+
+Everything is a pure function of (seed, epoch, index): data-loader workers, several GPUs (accelerate
+shards the batches of one sampler) and resuming mid-epoch all see the same examples.
+
+Trainer configuration:
+    args = SparseEncoderTrainingArguments(..., num_train_epochs=E, batch_sampler=EpochRotationBatchSampler)
+    trainer = SparseEncoderTrainer(model, args, train_dataset=make_train_dataset(ts, E), loss=loss)
+"""
+
+import math
+
+import datasets
+import numpy as np
+from sentence_transformers.base.sampler import DefaultBatchSampler
+
+
+class RotationTransform:
+    """Maps a batch of virtual rows to texts. A plain class (not a closure) so that it pickles."""
+
+    def __init__(self, training_set, with_labels):
+        self.ts = training_set
+        self.with_labels = with_labels
+
+    def __call__(self, batch):
+        rows = np.asarray(batch["row"], dtype=np.int64)
+        epoch, query = np.divmod(rows, len(self.ts))
+        pos, neg = self.ts.rotation(query, epoch)
+        ts = self.ts
+        out = {
+            "query": [ts.queries.text(i) for i in query.tolist()],
+            "positive": [ts.passages.text(k) for k in ts.pos_idx[pos].tolist()],
+            "negative": [ts.passages.text(k) for k in ts.neg_idx[neg].tolist()],
+        }
+        if self.with_labels:  # MarginMSE target: CE(query, pos) - CE(query, neg)
+            out["label"] = (ts.pos_ce[pos].astype(np.float64) - ts.neg_ce[neg].astype(np.float64)).tolist()
+        return out
+
+
+def make_train_dataset(training_set, epochs, with_labels=False):
+    """A datasets.Dataset of epochs x len(training_set) rows with columns query, positive, negative[, label].
+
+    Train it with num_train_epochs=epochs and batch_sampler=EpochRotationBatchSampler.
+    """
+    n = len(training_set)
+    if n == 0 or epochs < 1:
+        raise ValueError(f"need at least one query and one epoch, got {n} queries and {epochs} epochs")
+    dataset = datasets.Dataset.from_dict({"row": np.arange(epochs * n, dtype=np.int64)})
+    dataset.set_transform(RotationTransform(training_set, with_labels))
+    dataset.rotation_queries_per_epoch = n  # read by EpochRotationBatchSampler
+    return dataset
+
+
+class EpochRotationBatchSampler(DefaultBatchSampler):
+    """In epoch e (set by the trainer through set_epoch), batches of rows e*N + perm_e, perm_e seeded by (seed, e)."""
+
+    def __init__(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
+        super().__init__(
+            dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=valid_label_columns,
+            generator=generator, seed=seed,
+        )
+        self.queries_per_epoch = getattr(dataset, "rotation_queries_per_epoch", None)
+        if self.queries_per_epoch is None:
+            raise ValueError("EpochRotationBatchSampler needs the dataset made by data.rotation.make_train_dataset")
+        self.num_epochs = len(dataset) // self.queries_per_epoch
+        self.seed = 0 if seed is None else seed
+        # The trainer reaches this sampler's set_epoch through accelerate's wrappers, except when several
+        # processes resume mid-epoch (SkipBatchSampler around BatchSamplerShard); DataLoaderShard.set_epoch
+        # then falls back to dataset.set_epoch, so give the dataset one.
+        dataset.set_epoch = self.set_epoch
+
+    def __len__(self):
+        n, b = self.queries_per_epoch, self.batch_size
+        return n // b if self.drop_last else math.ceil(n / b)
+
+    def __iter__(self):
+        if self.epoch >= self.num_epochs:
+            raise ValueError(
+                f"epoch {self.epoch} asked of a dataset made for {self.num_epochs} epochs: "
+                f"make_train_dataset(ts, epochs) must get at least the trainer's num_train_epochs"
+            )
+        n = self.queries_per_epoch
+        rows = np.random.default_rng([self.seed % 2**63, self.epoch]).permutation(n) + self.epoch * n
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield rows[start : start + self.batch_size].tolist()
