@@ -28,7 +28,7 @@ SAMPLE_DEFAULTS = dict(
     model_name=SAMPLE_MODEL,
     train_batch_size=32,
     max_seq_length=64,
-    epochs=4,
+    epochs=10,
     warmup_steps=20,
     lr=2e-3,
     lambda_warmup_steps=100,
@@ -86,7 +86,19 @@ def parse_args(description: str, hyperparameters: dict, argv: list[str] | None =
         parser.set_defaults(**SAMPLE_DEFAULTS, data_dir=str(SAMPLE_DIR))
     args = parser.parse_args(argv)
     check_args(args)
+    sys.excepthook = _report_user_errors
     return args
+
+
+def _report_user_errors(kind, error, traceback) -> None:
+    """Bad or missing data gets its message, not a traceback; anything else (a bug) keeps its traceback."""
+    from data.download import DownloadError
+    from data.readers import DataError
+
+    if issubclass(kind, (DataError, DownloadError, FileNotFoundError)):
+        print(f"error: {error}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, traceback)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -120,26 +132,29 @@ def build_model(args: argparse.Namespace, training_texts) -> SpladeEncoder:
 
 
 def build_sample_model(texts, max_seq_length: int, seed: int, lean_head: bool = True) -> SpladeEncoder:
-    """A 2-layer BERT masked-LM, randomly initialised, with a WordPiece vocabulary trained on `texts`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A 2-layer BERT masked-LM, randomly initialised, with a word vocabulary trained on `texts`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wordpiece.decoder = decoders.WordPiece()
-    wordpiece.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=4000, special_tokens=specials, show_progress=False))
-    cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
-    wordpiece.post_processor = processors.TemplateProcessing(
+    vocabulary = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    vocabulary.normalizer = normalizers.BertNormalizer(lowercase=True)
+    vocabulary.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    vocabulary.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials, show_progress=False))
+    # Whole words, numbered in sorted order: the same vocabulary in every run, so that a resumed run
+    # rebuilds exactly the model it resumes (subword trainers break ties in hash-map order).
+    learned = sorted(set(vocabulary.get_vocab()) - set(specials))
+    vocabulary.model = models.WordLevel({token: i for i, token in enumerate(specials + learned)}, unk_token="[UNK]")
+    cls, sep = vocabulary.token_to_id("[CLS]"), vocabulary.token_to_id("[SEP]")
+    vocabulary.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=wordpiece, model_max_length=max_seq_length,
+        tokenizer_object=vocabulary, model_max_length=max_seq_length,
         unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
     )
     config = BertConfig(
-        vocab_size=wordpiece.get_vocab_size(), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=vocabulary.get_vocab_size(), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=512, max_position_embeddings=max(512, max_seq_length), pad_token_id=0,
         architectures=["BertForMaskedLM"],
     )

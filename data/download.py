@@ -87,6 +87,10 @@ LINE_COUNTS = {
 CHUNK = 1 << 20
 
 
+class DownloadError(RuntimeError):
+    """A download that failed; the message says what to do (resume, or fetch the file by other means)."""
+
+
 def download_command(data_dir, what="train"):
     return f"python -m data.download {what} --data_dir {data_dir}"
 
@@ -108,10 +112,10 @@ def download_file(url, dest, expected_size=None, expected_md5=None, timeout=60):
     except urllib.error.HTTPError as err:
         # 416: the .part file already holds the whole file (a crash between download and rename).
         if not (err.code == 416 and start):
-            raise RuntimeError(f"download of {url} failed: HTTP {err.code} {err.reason}") from err
+            raise DownloadError(f"download of {url} failed: HTTP {err.code} {err.reason}") from err
         response = None
     except urllib.error.URLError as err:
-        raise RuntimeError(f"cannot reach {url} ({err.reason})") from err
+        raise DownloadError(f"cannot reach {url} ({err.reason}); without internet, put the file at {dest}") from err
 
     if response is not None:
         with response:
@@ -120,7 +124,7 @@ def download_file(url, dest, expected_size=None, expected_md5=None, timeout=60):
             length = response.headers.get("Content-Length")
             total = start + int(length) if length is not None else expected_size
             if expected_size is not None and total is not None and total != expected_size:
-                raise RuntimeError(
+                raise DownloadError(
                     f"{url}: the server announces {total:,} bytes, expected {expected_size:,}; "
                     f"the file changed upstream or the download is corrupt ({part} kept)"
                 )
@@ -132,28 +136,28 @@ def download_file(url, dest, expected_size=None, expected_md5=None, timeout=60):
                         out.write(chunk)
                         bar.update(len(chunk))
                 except (http.client.HTTPException, OSError) as err:  # connection lost: keep .part to resume
-                    raise RuntimeError(
+                    raise DownloadError(
                         f"{url}: download interrupted at {out.tell():,} bytes ({err!r}); "
                         f"run the same command again to resume from {part}"
                     ) from err
             if total is not None and part.stat().st_size != total:
-                raise RuntimeError(
+                raise DownloadError(
                     f"{url}: got {part.stat().st_size:,} of {total:,} bytes; run the same command again to resume"
                 )
 
     size = part.stat().st_size
     if expected_size is not None and size < expected_size:
-        raise RuntimeError(f"{part}: {size:,} of {expected_size:,} bytes; run the same command again to resume")
+        raise DownloadError(f"{part}: {size:,} of {expected_size:,} bytes; run the same command again to resume")
     try:  # a .part that is complete but wrong cannot be mended by resuming: delete it
         if expected_size is not None and size != expected_size:
-            raise RuntimeError(f"{part}: {size:,} bytes, expected {expected_size:,}")
+            raise DownloadError(f"{part}: {size:,} bytes, expected {expected_size:,}")
         if expected_md5 is not None and (md5 := file_md5(part)) != expected_md5:
-            raise RuntimeError(f"{part}: md5 {md5}, expected {expected_md5}")
+            raise DownloadError(f"{part}: md5 {md5}, expected {expected_md5}")
         if dest.name.endswith(".gz"):
             check_gzip(part, dest.name)
     except RuntimeError as err:
         part.unlink()
-        raise RuntimeError(f"{err}; deleted it, run the same command again to download it anew") from None
+        raise DownloadError(f"{err}; deleted it, run the same command again to download it anew") from None
     os.replace(part, dest)
     return dest
 
@@ -177,7 +181,7 @@ def check_gzip(path, name=None):
             while f.read(CHUNK):
                 bar.update(raw.tell() - bar.n)
         except (EOFError, OSError, zlib.error) as err:
-            raise RuntimeError(f"{path}: not a complete gzip file ({err})") from err
+            raise DownloadError(f"{path}: not a complete gzip file ({err})") from err
 
 
 def count_lines(path):
@@ -192,7 +196,7 @@ def check_line_count(path, name=None):
     if expected is not None:
         found = count_lines(path)
         if found != expected:
-            raise RuntimeError(f"{path}: {found:,} lines, expected {expected:,} for {name}")
+            raise DownloadError(f"{path}: {found:,} lines, expected {expected:,} for {name}")
 
 
 def extract_from_tar(archive, members, data_dir):
@@ -220,9 +224,9 @@ def extract_from_tar(archive, members, data_dir):
                 check_line_count(part, name)
                 os.replace(part, dest)
     except (EOFError, tarfile.TarError, OSError, zlib.error) as err:
-        raise RuntimeError(f"{archive}: cannot be read to the end ({err}); delete it and download again") from err
+        raise DownloadError(f"{archive}: cannot be read to the end ({err}); delete it and download again") from err
     if wanted:
-        raise RuntimeError(f"{archive} does not contain {sorted(wanted)}")
+        raise DownloadError(f"{archive} does not contain {sorted(wanted)}")
 
 
 def gunzip(src, dest):

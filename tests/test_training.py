@@ -12,11 +12,13 @@ from safetensors.torch import load_file
 from sentence_transformers import SparseEncoder
 
 from conftest import ROOT
+from data.mining import mine_distill_examples
+from losses import MarginMSELossSplade
 from splade_module import load_splade
 
 # Small enough for a CPU test, large enough that the random sample model leaves chance level in 30 steps.
 QUICK = ["--sample", "--train_batch_size", "16", "--max_seq_length", "32", "--logging_steps", "1", "--lr", "1e-3",
-         "--warmup_steps", "5", "--max_steps", "30", "--save_steps", "15"]
+         "--warmup_steps", "5", "--max_steps", "30", "--save_steps", "15", "--lambda_warmup_steps", "0"]
 MRR = re.compile(r"sample dev MRR@10: ([0-9.]+) before training, ([0-9.]+) after")
 
 
@@ -40,25 +42,40 @@ def max_run(tmp_path_factory):
     return output_dir, log
 
 
-@pytest.mark.parametrize("script,main_term", [("train_max.py", "ranking_loss"), ("train_distill.py", "mse_loss")])
-def test_a_few_steps_change_the_weights_and_lower_the_loss(tmp_path, max_run, script, main_term):
-    if script == "train_max.py":
-        output_dir, log = max_run
-    else:
-        output_dir = tmp_path
-        log = train(script, output_dir)
+def test_train_max_changes_the_weights_lowers_the_loss_and_improves_dev_mrr(max_run):
+    output_dir, log = max_run
     mrr_before, mrr_after = map(float, MRR.search(log).groups())
     assert mrr_after > mrr_before
-    losses = logged(output_dir, main_term)
+    losses = logged(output_dir, "ranking_loss")
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
     for key in ("flops_q_loss", "flops_d_loss", "lambda_q", "lambda_d", "active_dims_q", "active_dims_d"):
         assert len(logged(output_dir, key)) == 30, key
     halfway, final = load_file(output_dir / "checkpoint-15" / "model.safetensors"), load_file(output_dir / "model.safetensors")
     assert all(not torch.equal(halfway[name], final[name]) for name in final)
-    for name in ("hyperparameters.json", "mining_report.json", "training_curves.png", "README.md", script):
+    for name in ("hyperparameters.json", "mining_report.json", "training_curves.png", "README.md", "train_max.py"):
         assert (output_dir / name).is_file(), name
-    assert "# Script was called via:" in (output_dir / script).read_text()
+    assert "# Script was called via:" in (output_dir / "train_max.py").read_text()
+    assert json.loads((output_dir / "hyperparameters.json").read_text())["lambda_q"] == 0.0008
+
+
+def test_train_distill_fine_tunes_splade_tiny_and_lowers_the_loss(tmp_path, splade_tiny_path):
+    train("train_distill.py", tmp_path, "--model_name", splade_tiny_path, "--lr", "1e-4", "--max_steps", "20")
+    # Per-batch losses are noisy: compare the MarginMSE of the same 64 training triples before and after.
+    training_set = mine_distill_examples(ROOT / "data" / "sample", download=False)
+    triples = [training_set.example(i, epoch=0) for i in range(64)]
+    labels = torch.tensor([label for *_, label in triples])
+
+    def margin_mse(model):
+        loss = MarginMSELossSplade(model, lambda_q=0.0, lambda_d=0.0)
+        features = [model[0].preprocess([triple[column] for triple in triples]) for column in range(3)]
+        with torch.inference_mode():
+            return loss(features, labels)["mse_loss"].item()
+
+    before, after = margin_mse(load_splade(splade_tiny_path, 32)), margin_mse(load_splade(str(tmp_path)))
+    assert after < 0.9 * before
+    initial, final = load_file(f"{splade_tiny_path}/model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert all(not torch.equal(initial[name], final[name]) for name in final if name in initial)
 
 
 def test_saved_model_reloads_in_sparse_encoder_with_identical_vectors(max_run):
@@ -106,4 +123,5 @@ def test_missing_data_names_the_file_and_the_download_command(tmp_path):
     command = [sys.executable, str(ROOT / "train_distill.py"), "--data_dir", str(tmp_path), "--output_dir", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert "python -m data.download" in done.stderr
+    assert f"put the file at {tmp_path / 'collection.tar.gz'}" in done.stderr  # offline: what to do instead
+    assert "Traceback" not in done.stderr
