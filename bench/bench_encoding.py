@@ -1,0 +1,213 @@
+"""Corpus encoding throughput: our SpladeMax module against SparseEncoder.encode_document, same texts.
+
+  ours fp32   model[0](model[0].preprocess(batch)) under torch.inference_mode, batches sorted by length
+  ours bf16   the same under torch.autocast(cpu|cuda, bfloat16)
+  st          SparseEncoder(path).encode_document(texts, batch_size) (Transformer fill-mask + SpladePooling max;
+              it sorts by length too, and returns sparse tensors, its default)
+
+Both sides include tokenisation. Also reported: bf16 against fp32 (max abs difference of the vectors, change of
+the active-term count) and ours against sentence-transformers (max abs difference, a correctness check).
+
+Usage (from the repository root):
+  python bench/bench_encoding.py                 # CISI corpus, splade-tiny, max_seq_length 256, batch 32
+  python bench/bench_encoding.py --model distilbert-random --docs 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", default=str(SHARED / "models" / "splade-tiny"),
+                    help="checkpoint directory, or 'distilbert-random' (DistilBERT-shaped random masked-LM)")
+parser.add_argument("--decoder-bias", type=float, default=0.0,
+                    help="distilbert-random only: constant vocabulary bias. 0 = plain init, every term active (the dense "
+                         "worst case of the lean head); -2.15 leaves ~250 active terms per 256-token document, as a trained SPLADE")
+parser.add_argument("--corpus", default=str(SHARED / "data" / "beir" / "cisi" / "corpus.jsonl"))
+parser.add_argument("--docs", type=int, default=0, help="encode the first N documents (0: all)")
+parser.add_argument("--batch-size", type=int, default=32)
+parser.add_argument("--max-seq-length", type=int, default=256)
+parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+parser.add_argument("--wait-idle", type=float, default=120,
+                    help="seconds to wait, before starting, for other processes to leave the CPU idle (shared machines)")
+parser.add_argument("--output", help="write the results as JSON here")
+args = parser.parse_args()
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from splade_module import SpladeEncoder, SpladeMax, load_splade  # noqa: E402
+
+
+# ---------------------------------------------------------------- contention (other processes on the same cores)
+
+
+def cpu_counters() -> tuple[int, int, int]:
+    """(all jiffies, idle jiffies, this process's jiffies) from /proc: what others used is the rest of the busy time."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(values), values[3] + values[4], int(own[11]) + int(own[12])
+
+
+def wait_for_idle(max_seconds: float, threshold_pct: float = 5.0) -> float:
+    """Wait until other processes use under threshold_pct of the CPU over one second; their last share."""
+    deadline = time.monotonic() + max_seconds
+    while True:
+        before = cpu_counters()
+        time.sleep(1.0)
+        others = others_cpu_pct(before, cpu_counters())
+        if others < threshold_pct or time.monotonic() > deadline:
+            return others
+        time.sleep(4.0)
+
+
+def others_cpu_pct(before: tuple[int, int, int], after: tuple[int, int, int]) -> float:
+    """Share of the machine's CPU time that other processes took between two cpu_counters() readings."""
+    total, idle, own = (a - b for a, b in zip(after, before))
+    return round(100 * max(0, total - idle - own) / max(1, total), 1)
+
+
+def read_corpus() -> list[str]:
+    texts = [json.loads(line)["text"] for line in open(args.corpus)]
+    return texts[: args.docs] if args.docs else texts
+
+
+def build_random_distilbert(directory: str) -> str:
+    """A DistilBERT-shaped masked-LM (hidden 768, 6 layers, vocab 30522), seeded, saved in the SPLADE layout."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, DistilBertConfig
+
+    torch.manual_seed(0)
+    mlm = AutoModelForMaskedLM.from_config(DistilBertConfig())
+    with torch.no_grad():
+        mlm.get_output_embeddings().bias.fill_(args.decoder_bias)
+    tokenizer = AutoTokenizer.from_pretrained(SHARED / "models" / "splade-tiny")
+    SpladeEncoder(modules=[SpladeMax(mlm=mlm, tokenizer=tokenizer, max_seq_length=512)]).save(directory)
+    return directory
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def encode_ours(module, texts: list[str], device: str, bf16: bool) -> tuple[float, torch.Tensor]:
+    """Seconds and the (docs x vocab) vectors, in the corpus order."""
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # longest first, as sentence-transformers
+    vectors = torch.empty(len(texts), module.get_embedding_dimension())
+    cast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.inference_mode(), cast:
+        module(module.preprocess(texts[:2]))  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        for begin in range(0, len(texts), args.batch_size):
+            rows = order[begin : begin + args.batch_size]
+            features = {k: v.to(device) for k, v in module.preprocess([texts[i] for i in rows]).items()}
+            vectors[rows] = module(features)["sentence_embedding"].float().cpu()
+        sync(device)
+        return time.perf_counter() - start, vectors
+
+
+def encode_st(model, texts: list[str], device: str) -> tuple[float, torch.Tensor]:
+    model.encode_document(texts[:2], batch_size=args.batch_size)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    vectors = model.encode_document(texts, batch_size=args.batch_size)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return seconds, vectors.to_dense().float().cpu()
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Max abs difference, active terms per doc of each, and the terms active in only one of them."""
+    active_a, active_b = a > 0, b > 0
+    return {
+        "max_abs_diff": float((a - b).abs().max()),
+        "active_per_doc": [round(float(active_a.sum(1).float().mean()), 2), round(float(active_b.sum(1).float().mean()), 2)],
+        "active_count_change_pct": round(100 * float(active_b.sum() - active_a.sum()) / max(1, int(active_a.sum())), 3),
+        "terms_active_in_one_only_per_doc": round(float((active_a ^ active_b).sum(1).float().mean()), 2),
+    }
+
+
+def main() -> None:
+    torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    import transformers
+    from sentence_transformers import SparseEncoder
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    scratch = None
+    path = args.model
+    if args.model == "distilbert-random":
+        scratch = tempfile.mkdtemp(prefix="splade-bench-")
+        path = build_random_distilbert(scratch)
+    try:
+        texts = read_corpus()
+        ours = load_splade(path, max_seq_length=args.max_seq_length).to(device).eval()
+        st = SparseEncoder(path, device=device)
+        st.max_seq_length = args.max_seq_length
+        if device == "cpu":
+            wait_for_idle(args.wait_idle, max(5.0, 95.0 - 100.0 * args.threads / (os.cpu_count() or 1)))
+        counters, cpu_start, wall_start = cpu_counters(), time.process_time(), time.perf_counter()
+        st_s, st_vectors = encode_st(st, texts, device)
+        fp32_s, fp32_vectors = encode_ours(ours[0], texts, device, bf16=False)
+        bf16_s, bf16_vectors = encode_ours(ours[0], texts, device, bf16=True)
+        others = others_cpu_pct(counters, cpu_counters())
+        cpu_per_wall = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    rows = [("st", st_s), ("ours fp32", fp32_s), ("ours bf16", bf16_s)]
+    config = {
+        "model": args.model, "decoder_bias": args.decoder_bias, "docs": len(texts), "batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
+        "threads": args.threads, "device": device, "machine": _machine(device), "torch": torch.__version__,
+        "others_cpu_pct": others, "cpu_per_wall": round(cpu_per_wall, 2),
+    }
+    results = {
+        "seconds": {name: round(s, 2) for name, s in rows},
+        "docs_per_s": {name: round(len(texts) / s, 1) for name, s in rows},
+        "speedup_vs_st": {name: round(st_s / s, 2) for name, s in rows},
+        "ours_fp32_vs_st": compare(st_vectors, fp32_vectors),
+        "bf16_vs_fp32": compare(fp32_vectors, bf16_vectors),
+    }
+    print(json.dumps(config))
+    print(f"{'variant':<10} {'seconds':>8} {'docs/s':>8} {'vs st':>6}")
+    for name, seconds in rows:
+        print(f"{name:<10} {seconds:>8.2f} {len(texts) / seconds:>8.1f} {st_s / seconds:>5.2f}x")
+    for name in ("ours_fp32_vs_st", "bf16_vs_fp32"):
+        c = results[name]
+        print(f"{name}: max |diff| {c['max_abs_diff']:.4g}, active terms/doc {c['active_per_doc'][0]} -> "
+              f"{c['active_per_doc'][1]} ({c['active_count_change_pct']:+.2f} %), "
+              f"terms active in only one: {c['terms_active_in_one_only_per_doc']}/doc")
+    if others > 5 and not (args.threads == 1 and cpu_per_wall > 0.95):
+        print(f"WARNING: other processes took {others} % of the CPU meanwhile; rerun on an idle machine "
+              "(or with --threads 1, which only needs one free core)")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
+
+
+def _machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x {os.cpu_count()} cores"
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()
