@@ -7,7 +7,7 @@ A text becomes one weight per vocabulary entry:
 Because log1p and relu are monotonic this equals log1p(relu(max_t logits[t, v])) with padded
 tokens at -inf, which is how it is computed here: the masked-LM projection runs over chunks of
 tokens and only a running max (and, when training, its arg-max) per (text, term) is kept. The
-B x L x V logits never exist at once.
+B x L x V logits never exist at once; at inference, padded positions are not projected at all.
 
 Training uses `SpladeMaxHead`, an autograd function whose backward exploits the gradient's
 structure: after relu and the max, d loss / d logits is non-zero only at the arg-max token of each
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -33,6 +34,8 @@ from sentence_transformers.base.modules import InputModule, Transformer
 from sentence_transformers.sparse_encoder.modules import SpladePooling
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+
+warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 
 # Elements of one chunk of logits (texts x tokens x vocabulary): 2**25 floats = 128 MiB in fp32.
 LOGITS_PER_CHUNK = 2**25
@@ -70,6 +73,23 @@ def max_logits(
             best = torch.where(better, value, best)
             best_token = torch.where(better, token + start, best_token)
     return best, best_token
+
+
+def max_logits_unpadded(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Inference: the same max, without projecting padding. The texts' real tokens are packed into the
+    rows of one matrix, projected a block of rows at a time, and max-reduced into their text's row."""
+    tokens = hidden[attention_mask.bool()]
+    owner = torch.arange(len(hidden), device=hidden.device).repeat_interleave(attention_mask.sum(dim=1))
+    rows = max(1, LOGITS_PER_CHUNK // weight.shape[0])
+    best = None
+    for start in range(0, len(tokens), rows):
+        logits = F.linear(tokens[start : start + rows], weight, bias)
+        if best is None:
+            best = logits.new_full((len(hidden), weight.shape[0]), float("-inf"))
+        best.index_reduce_(0, owner[start : start + rows], logits, "amax")
+    return best
 
 
 class SpladeMaxHead(torch.autograd.Function):
@@ -201,7 +221,9 @@ class SpladeMax(InputModule):
         with _projection_skipped(self.decoder):
             hidden = self.model(input_ids=features["input_ids"], attention_mask=attention_mask).logits
         weight, bias = self.decoder.weight, self.decoder.bias
-        if torch.is_grad_enabled() and self.lean_head:
+        if not torch.is_grad_enabled():
+            embedding = torch.log1p(torch.relu(max_logits_unpadded(hidden, attention_mask, weight, bias)))
+        elif self.lean_head:
             embedding = SpladeMaxHead.apply(hidden, attention_mask, weight, bias)
         else:
             embedding = torch.log1p(torch.relu(max_logits(hidden, attention_mask, weight, bias)[0]))

@@ -94,6 +94,15 @@ def test_lean_head_equals_naive_formula(monkeypatch, batch, length, backward):
             torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows_per_block", [1, 5, 1000])
+def test_inference_path_skips_padding_and_equals_naive_formula(monkeypatch, rows_per_block):
+    monkeypatch.setattr(splade_module, "LOGITS_PER_CHUNK", 50 * rows_per_block)  # blocks cut through texts
+    hidden_states, mask, weight, bias = random_head_inputs(5, 13)
+    expected = naive(hidden_states, mask, weight, bias)
+    got = torch.log1p(torch.relu(splade_module.max_logits_unpadded(hidden_states, mask, weight, bias)))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_lean_head_bf16_within_rounding():
     inputs = random_head_inputs(4, 20, hidden=32, vocab=64, dtype=torch.bfloat16)
     upstream = torch.rand(4, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
