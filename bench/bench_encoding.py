@@ -48,53 +48,16 @@ args = parser.parse_args()
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from splade_module import SpladeEncoder, SpladeMax, load_splade  # noqa: E402
+from splade_module import load_splade  # noqa: E402
+from common import build_random_distilbert, cpu_counters, others_cpu_pct, wait_for_idle  # noqa: E402
 
 
 # ---------------------------------------------------------------- contention (other processes on the same cores)
 
 
-def cpu_counters() -> tuple[int, int, int]:
-    """(all jiffies, idle jiffies, this process's jiffies) from /proc: what others used is the rest of the busy time."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(values), values[3] + values[4], int(own[11]) + int(own[12])
-
-
-def wait_for_idle(max_seconds: float, threshold_pct: float = 5.0) -> float:
-    """Wait until other processes use under threshold_pct of the CPU over one second; their last share."""
-    deadline = time.monotonic() + max_seconds
-    while True:
-        before = cpu_counters()
-        time.sleep(1.0)
-        others = others_cpu_pct(before, cpu_counters())
-        if others < threshold_pct or time.monotonic() > deadline:
-            return others
-        time.sleep(4.0)
-
-
-def others_cpu_pct(before: tuple[int, int, int], after: tuple[int, int, int]) -> float:
-    """Share of the machine's CPU time that other processes took between two cpu_counters() readings."""
-    total, idle, own = (a - b for a, b in zip(after, before))
-    return round(100 * max(0, total - idle - own) / max(1, total), 1)
-
-
 def read_corpus() -> list[str]:
     texts = [json.loads(line)["text"] for line in open(args.corpus)]
     return texts[: args.docs] if args.docs else texts
-
-
-def build_random_distilbert(directory: str) -> str:
-    """A DistilBERT-shaped masked-LM (hidden 768, 6 layers, vocab 30522), seeded, saved in the SPLADE layout."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, DistilBertConfig
-
-    torch.manual_seed(0)
-    mlm = AutoModelForMaskedLM.from_config(DistilBertConfig())
-    with torch.no_grad():
-        mlm.get_output_embeddings().bias.fill_(args.decoder_bias)
-    tokenizer = AutoTokenizer.from_pretrained(SHARED / "models" / "splade-tiny")
-    SpladeEncoder(modules=[SpladeMax(mlm=mlm, tokenizer=tokenizer, max_seq_length=512)]).save(directory)
-    return directory
 
 
 def sync(device: str) -> None:
@@ -152,7 +115,7 @@ def main() -> None:
     path = args.model
     if args.model == "distilbert-random":
         scratch = tempfile.mkdtemp(prefix="splade-bench-")
-        path = build_random_distilbert(scratch)
+        path = build_random_distilbert(scratch, args.decoder_bias)
     try:
         texts = read_corpus()
         ours = load_splade(path, max_seq_length=args.max_seq_length).to(device).eval()
