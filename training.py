@@ -265,7 +265,7 @@ def save_run(model, trainer, args, output_dir: Path, script: str, training_set, 
     shutil.copyfile(script, script_copy)
     with open(script_copy, "a") as f:
         f.write(f"\n\n# Script was called via:\n# python {' '.join(sys.argv)}\n")
-    hyperparameters = {name: value for name, value in vars(args).items()}
+    hyperparameters = dict(vars(args))
     (output_dir / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=2))
     training_set.save_report(output_dir / "mining_report.json")
     plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
