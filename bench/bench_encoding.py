@@ -10,7 +10,7 @@ the active-term count) and ours against sentence-transformers (max abs differenc
 
 Usage (from the repository root):
   python bench/bench_encoding.py                 # CISI corpus, splade-tiny, max_seq_length 256, batch 32
-  python bench/bench_encoding.py --model distilbert-random --docs 256
+  python bench/bench_encoding.py --model distilbert-random --decoder-bias -2.15 --docs 256
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ GPU: torch.cuda.max_memory_allocated after a reset, minus memory_allocated befor
 
 Usage (from the repository root):
   python bench/bench_training.py                              # reference CPU config, splade-tiny, 16/16/16 x 256
-  python bench/bench_training.py --model distilbert-random --batch 4
+  python bench/bench_training.py --model distilbert-random --decoder-bias -2.15 --batch 4 --steps 2
+  python bench/bench_training.py --threads 1                  # a shared machine with one free core
   python bench/bench_training.py --find-max-batch             # GPU only: largest batch, lean vs st
 """
 
