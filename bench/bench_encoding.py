@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from splade_module import load_splade  # noqa: E402
-from common import build_random_distilbert, cpu_counters, others_cpu_pct, wait_for_idle  # noqa: E402
+from common import build_random_distilbert, machine_name, cpu_counters, others_cpu_pct, wait_for_idle  # noqa: E402
 
 
 # ---------------------------------------------------------------- contention (other processes on the same cores)
@@ -136,7 +136,7 @@ def main() -> None:
     rows = [("st", st_s), ("ours fp32", fp32_s), ("ours bf16", bf16_s)]
     config = {
         "model": args.model, "decoder_bias": args.decoder_bias, "docs": len(texts), "batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
-        "threads": args.threads, "device": device, "machine": _machine(device), "torch": torch.__version__,
+        "threads": args.threads, "device": device, "machine": machine_name(device), "torch": torch.__version__,
         "others_cpu_pct": others, "cpu_per_wall": round(cpu_per_wall, 2),
     }
     results = {
@@ -161,15 +161,6 @@ def main() -> None:
     if args.output:
         Path(args.output).write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
 
-
-def _machine(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x {os.cpu_count()} cores"
-    return "unknown"
 
 
 if __name__ == "__main__":

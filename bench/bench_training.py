@@ -75,7 +75,7 @@ import torch  # noqa: E402  (after argparse so that --help is instant)
 sys.path.insert(0, str(ROOT))
 from losses import MultipleNegativesRankingLossSplade  # noqa: E402
 from splade_module import load_splade, splade_max_naive  # noqa: E402
-from common import build_random_distilbert, cpu_counters, others_cpu_pct, wait_for_idle  # noqa: E402
+from common import build_random_distilbert, machine_name, cpu_counters, others_cpu_pct, wait_for_idle  # noqa: E402
 
 
 def pick_device() -> str:
@@ -401,7 +401,7 @@ def main() -> None:
     config = {
         "model": args.model, "decoder_bias": args.decoder_bias, "batch": args.batch, "doc_length": args.doc_length, "steps": args.steps,
         "threads": args.threads, "device": device, "bf16": device == "cuda" or args.bf16,
-        "cpu": _cpu_name(), "torch": torch.__version__,
+        "cpu": machine_name(pick_device()), "torch": torch.__version__,
     }
     print(json.dumps(config))
     if args.find_max_batch:
@@ -417,15 +417,6 @@ def main() -> None:
     if args.output:
         Path(args.output).write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
 
-
-def _cpu_name() -> str:
-    if torch.cuda.is_available() and pick_device() == "cuda":
-        return torch.cuda.get_device_name()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x {os.cpu_count()} cores"
-    return "unknown"
 
 
 if __name__ == "__main__":

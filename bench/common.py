@@ -1,5 +1,7 @@
 """What the benchmark scripts share: telling whether other processes took CPU time, and a random model."""
 
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,3 +54,14 @@ def build_random_distilbert(directory: str, decoder_bias: float = 0.0) -> str:
     tokenizer = AutoTokenizer.from_pretrained(SHARED / "models" / "splade-tiny")
     SpladeEncoder(modules=[SpladeMax(mlm=mlm, tokenizer=tokenizer, max_seq_length=512)]).save(directory)
     return directory
+
+
+def machine_name(device: str) -> str:
+    """The GPU's name, or the CPU model and core count."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x {os.cpu_count()} cores"
+    return "unknown"
