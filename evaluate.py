@@ -51,6 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 import retrieval
+from errors import UserError
 
 TOP_K = 1000
 DEFAULT_CACHE_DIR = Path(os.environ.get("SPLADE_CACHE_DIR", "~/.cache/splade-repro")).expanduser()
@@ -76,7 +77,7 @@ MSMARCO_FILES = {  # data set -> (queries file names accepted, qrels file name)
 }
 
 
-class InputError(Exception):
+class InputError(UserError):
     """A problem with the user's files, model or arguments: printed as one line, no traceback."""
 
 
@@ -112,8 +113,10 @@ def read_corpus(path: Path) -> tuple[list[str], list[str]]:
     ids, texts = [], []
     is_jsonl = ".jsonl" in Path(path).name
     with open_text(path) as lines:
-        for lineno, line in enumerate(tqdm(lines, desc=f"read {Path(path).name}", unit=" docs", unit_scale=True,
-                                           mininterval=2, leave=False), start=1):
+        for lineno, line in enumerate(
+            tqdm(lines, desc=f"read {Path(path).name}", unit=" docs", unit_scale=True, mininterval=2, leave=False),
+            start=1,
+        ):
             if not line.strip():
                 continue
             if is_jsonl:
@@ -175,8 +178,10 @@ def read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
             elif len(fields) == 3:
                 qid, doc_id, rel = fields
             else:
-                raise InputError(f"{path}:{lineno}: expected 'qid Q0 docid relevance' or "
-                                 f"'query-id corpus-id score', got {len(fields)} fields")
+                raise InputError(
+                    f"{path}:{lineno}: expected 'qid Q0 docid relevance' or "
+                    f"'query-id corpus-id score', got {len(fields)} fields"
+                )
             try:
                 rel = int(rel)
             except ValueError:
@@ -209,13 +214,20 @@ def make_eval_set(name, corpus_file, queries_file, qrels_file, **options) -> Eva
     qrels, first_line = read_qrels(qrels_file)
     unknown = [qid for qid in qrels if qid not in queries]
     if unknown:
-        raise InputError(f"{qrels_file}:{first_line[unknown[0]]}: query id {unknown[0]!r} is not in {queries_file}"
-                         f" ({len(unknown)} unknown query ids)")
+        raise InputError(
+            f"{qrels_file}:{first_line[unknown[0]]}: query id {unknown[0]!r} is not in {queries_file}"
+            f" ({len(unknown)} unknown query ids)"
+        )
     judged = set(retrieval.judged_query_ids(qrels))
     if not judged:
         raise InputError(f"{qrels_file}: no judgment above 0, nothing to evaluate")
-    return EvalSet(name=name, corpus_file=Path(corpus_file), qrels={q: qrels[q] for q in qrels if q in judged},
-                   queries={q: text for q, text in queries.items() if q in judged}, **options)
+    return EvalSet(
+        name=name,
+        corpus_file=Path(corpus_file),
+        qrels={q: qrels[q] for q in qrels if q in judged},
+        queries={q: text for q, text in queries.items() if q in judged},
+        **options,
+    )
 
 
 def fetch_msmarco(data_dir: Path, what: str) -> None:
@@ -224,8 +236,9 @@ def fetch_msmarco(data_dir: Path, what: str) -> None:
     try:
         from data import download
     except ImportError as error:
-        raise InputError(f"{data_dir}: MS MARCO files missing and the downloader (data.download) "
-                         f"cannot be imported: {error}") from None
+        raise InputError(
+            f"{data_dir}: MS MARCO files missing and the downloader (data.download) cannot be imported: {error}"
+        ) from None
     fetchers = {
         "collection": lambda: download.download_collection(data_dir),
         "msmarco-dev": lambda: download.download_dev_small(data_dir),
@@ -259,16 +272,19 @@ def msmarco_set(name: str, data_dir: Path, download: bool = True) -> EvalSet:
     queries_file = msmarco_file(data_dir, query_names, name, download)
     qrels_file = msmarco_file(data_dir, [qrels_name], name, download)
     corpus_file = msmarco_file(data_dir, ["collection.tsv"], "collection", download)
-    return make_eval_set(name, corpus_file, queries_file, qrels_file,
-                         recall_min_rel=2 if name.startswith("trec-dl") else 1)
+    return make_eval_set(
+        name, corpus_file, queries_file, qrels_file, recall_min_rel=2 if name.startswith("trec-dl") else 1
+    )
 
 
 def find_file(directory: Path, names: list[str], what: str) -> Path:
     for name in names:
         if (directory / name).is_file():
             return directory / name
-    raise InputError(f"{directory}: missing {' or '.join(names)} ({what}; BEIR layout is corpus.jsonl[.gz], "
-                     f"queries.jsonl[.gz], qrels/<split>.tsv)")
+    raise InputError(
+        f"{directory}: missing {' or '.join(names)} ({what}; BEIR layout is corpus.jsonl[.gz], "
+        f"queries.jsonl[.gz], qrels/<split>.tsv)"
+    )
 
 
 def beir_sets(directory: Path, name: str, split: str = "test") -> list[EvalSet]:
@@ -305,8 +321,9 @@ def download_beir(name: str, root: Path, url_template: str = BEIR_URL) -> Path:
                     bar.update(len(chunk))
     except (OSError, urllib.error.URLError, ValueError) as error:
         part.unlink(missing_ok=True)
-        raise InputError(f"BEIR set {name!r}: download from {url} failed ({error}); pass a local directory "
-                         "in BEIR layout instead") from None
+        raise InputError(
+            f"BEIR set {name!r}: download from {url} failed ({error}); pass a local directory in BEIR layout instead"
+        ) from None
     try:
         return unpack_beir_zip(part, target)
     finally:
@@ -345,8 +362,13 @@ def resolve_beir(spec: str, cache_dir: Path, split: str = "test", url_template: 
     return beir_sets(download_beir(spec, cache_dir / "beir", url_template), f"beir-{spec}", split)
 
 
-def resolve_datasets(datasets: list[str], data_dir="msmarco-data", cache_dir=DEFAULT_CACHE_DIR,
-                     beir_split: str = "test", download: bool = True) -> list[EvalSet]:
+def resolve_datasets(
+    datasets: list[str],
+    data_dir="msmarco-data",
+    cache_dir=DEFAULT_CACHE_DIR,
+    beir_split: str = "test",
+    download: bool = True,
+) -> list[EvalSet]:
     """Names to data sets: 'msmarco' (dev small), 'trec-dl-2019', 'trec-dl-2020', 'beir:NAME_OR_DIR',
     or a directory (BEIR layout, or MS MARCO layout with collection.tsv + dev-small files)."""
     sets = []
@@ -357,14 +379,15 @@ def resolve_datasets(datasets: list[str], data_dir="msmarco-data", cache_dir=DEF
         elif spec in ("trec-dl-2019", "trec-dl-2020"):
             sets.append(msmarco_set(spec, Path(data_dir), download))
         elif spec.startswith("beir:"):
-            sets.extend(resolve_beir(spec[len("beir:"):], Path(cache_dir), beir_split))
+            sets.extend(resolve_beir(spec[len("beir:") :], Path(cache_dir), beir_split))
         elif Path(spec).is_dir() and (Path(spec) / "collection.tsv").is_file():
             sets.append(msmarco_set("msmarco-dev", Path(spec), download=False))
         elif Path(spec).is_dir():
             sets.extend(resolve_beir(spec, Path(cache_dir), beir_split))
         else:
-            raise InputError(f"unknown data set {spec!r}: use msmarco, trec-dl-2019, trec-dl-2020, "
-                             "beir:NAME_OR_DIR or a directory")
+            raise InputError(
+                f"unknown data set {spec!r}: use msmarco, trec-dl-2019, trec-dl-2020, beir:NAME_OR_DIR or a directory"
+            )
     names = [s.name for s in sets]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -395,8 +418,11 @@ def model_fingerprint(model_or_path, model) -> str:
     path = Path(str(model_or_path))
     if not isinstance(model_or_path, torch.nn.Module) and path.is_dir():
         # Weights, configs and tokenizer files at the top level (not checkpoint-* folders or outputs).
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt",
-                                                                                   ".json", ".txt", ".model"))
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".json", ".txt", ".model")
+        )
         stamp = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
         return hashlib.sha256(json.dumps([str(path.resolve()), stamp]).encode()).hexdigest()
     digest = hashlib.sha256()
@@ -421,12 +447,19 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def encode(model, texts: list[str], batch_size: int, device: torch.device, precision: str,
-           desc: str = "encode", show_progress: bool = True) -> sp.csr_matrix:
+def encode(
+    model,
+    texts: list[str],
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    desc: str = "encode",
+    show_progress: bool = True,
+) -> sp.csr_matrix:
     """SPLADE vectors of texts as a CSR matrix (rows in input order). Texts go longest first, so
     batches need little padding (and a too large batch fails at once, not after hours)."""
     order = np.argsort([-len(text) for text in texts], kind="stable")
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     nnz_per_row, columns, values = [], [], []
     # Tokenise the next batch on a second thread while the model runs on this one.
     with ThreadPoolExecutor(max_workers=1) as tokenizer_thread, torch.inference_mode(), autocast(device, precision):
@@ -447,9 +480,13 @@ def encode(model, texts: list[str], batch_size: int, device: torch.device, preci
     if texts:
         np.cumsum(np.concatenate(nnz_per_row), out=indptr[1:])
     sorted_rows = sp.csr_matrix(
-        (np.concatenate(values) if values else np.zeros(0, np.float32),
-         np.concatenate(columns) if columns else np.zeros(0, np.int32), indptr),
-        shape=(len(texts), vocab))
+        (
+            np.concatenate(values) if values else np.zeros(0, np.float32),
+            np.concatenate(columns) if columns else np.zeros(0, np.int32),
+            indptr,
+        ),
+        shape=(len(texts), vocab),
+    )
     return sorted_rows[np.argsort(order)]
 
 
@@ -469,8 +506,9 @@ class DocVectors:
 def wait_for_shards(paths: list[Path], poll_seconds: float = 10.0) -> None:
     """Rank 0 waits for the shards other ranks write (each appears atomically when complete)."""
     missing = [p for p in paths if not p.is_file()]
-    with tqdm(total=len(paths), initial=len(paths) - len(missing), desc="shards from other ranks",
-              disable=not missing) as bar:
+    with tqdm(
+        total=len(paths), initial=len(paths) - len(missing), desc="shards from other ranks", disable=not missing
+    ) as bar:
         while missing:
             time.sleep(poll_seconds)
             still = [p for p in missing if not p.is_file()]
@@ -478,15 +516,29 @@ def wait_for_shards(paths: list[Path], poll_seconds: float = 10.0) -> None:
             missing = still
 
 
-def document_vectors(corpus_file: Path, model, fingerprint: str, cache_root: Path, batch_size: int,
-                     device: torch.device, precision: str, rank: int = 0, world_size: int = 1,
-                     show_progress: bool = True) -> DocVectors | None:
+def document_vectors(
+    corpus_file: Path,
+    model,
+    fingerprint: str,
+    cache_root: Path,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    rank: int = 0,
+    world_size: int = 1,
+    show_progress: bool = True,
+) -> DocVectors | None:
     """Encode a corpus into shard files under a directory named by everything the vectors depend
     on, skipping shards already there. Returns None on ranks other than 0."""
     stat = corpus_file.stat()
-    key = {"format": CACHE_FORMAT, "model": fingerprint, "corpus": [str(corpus_file.resolve()), stat.st_size,
-           stat.st_mtime_ns], "max_seq_length": model.max_seq_length, "precision": precision,
-           "shard_size": SHARD_SIZE}
+    key = {
+        "format": CACHE_FORMAT,
+        "model": fingerprint,
+        "corpus": [str(corpus_file.resolve()), stat.st_size, stat.st_mtime_ns],
+        "max_seq_length": model.max_seq_length,
+        "precision": precision,
+        "shard_size": SHARD_SIZE,
+    }
     directory = cache_root / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     manifest = directory / "manifest.json"
     if manifest.is_file():
@@ -506,8 +558,15 @@ def document_vectors(corpus_file: Path, model, fingerprint: str, cache_root: Pat
     for i, shard in enumerate(shards):
         if i % world_size != rank or shard.is_file():
             continue
-        vectors = encode(model, texts[i * SHARD_SIZE: (i + 1) * SHARD_SIZE], batch_size, device, precision,
-                         desc=f"encode {corpus_file.name} [{i + 1}/{len(shards)}]", show_progress=show_progress)
+        vectors = encode(
+            model,
+            texts[i * SHARD_SIZE : (i + 1) * SHARD_SIZE],
+            batch_size,
+            device,
+            precision,
+            desc=f"encode {corpus_file.name} [{i + 1}/{len(shards)}]",
+            show_progress=show_progress,
+        )
         part = shard.with_name(shard.stem + f".rank{rank}.part.npz")
         sp.save_npz(part, vectors, compressed=False)  # float weights barely compress; loading is faster
         os.replace(part, shard)
@@ -528,17 +587,24 @@ def document_vectors(corpus_file: Path, model, fingerprint: str, cache_root: Pat
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate_on_index(eval_set: EvalSet, index: retrieval.InvertedIndex, doc_ids: list[str],
-                      tie_ranks: np.ndarray, query_vectors: sp.csr_matrix, top_k: int,
-                      show_progress: bool) -> tuple[dict, retrieval.SearchResult]:
+def evaluate_on_index(
+    eval_set: EvalSet,
+    index: retrieval.InvertedIndex,
+    doc_ids: list[str],
+    tie_ranks: np.ndarray,
+    query_vectors: sp.csr_matrix,
+    top_k: int,
+    show_progress: bool,
+) -> tuple[dict, retrieval.SearchResult]:
     query_ids = list(eval_set.queries)
     exclude = None
     if eval_set.drop_self_hits:
         position = {doc_id: i for i, doc_id in enumerate(doc_ids)}
         exclude = np.array([position.get(qid, -1) for qid in query_ids], dtype=np.int64)
     started = time.perf_counter()
-    result = retrieval.search(index, query_vectors, k=top_k, tie_ranks=tie_ranks, exclude=exclude,
-                              show_progress=show_progress)
+    result = retrieval.search(
+        index, query_vectors, k=top_k, tie_ranks=tie_ranks, exclude=exclude, show_progress=show_progress
+    )
     search_seconds = time.perf_counter() - started
     run = retrieval.result_to_run(result, query_ids, doc_ids)
     metrics = retrieval.evaluate_run(run, eval_set.qrels, recall_min_rel=eval_set.recall_min_rel)
@@ -557,8 +623,10 @@ def warn_unjudgeable(eval_set: EvalSet, known_doc_ids: set) -> None:
     judged = {d for hits in eval_set.qrels.values() for d, rel in hits.items() if rel > 0}
     missing = judged - known_doc_ids
     if missing:
-        log(f"{eval_set.name}: {len(missing)} relevant document ids are not in {eval_set.corpus_file.name} "
-            f"(e.g. {sorted(missing)[0]!r}); they count as not retrieved")
+        log(
+            f"{eval_set.name}: {len(missing)} relevant document ids are not in {eval_set.corpus_file.name} "
+            f"(e.g. {sorted(missing)[0]!r}); they count as not retrieved"
+        )
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -601,8 +669,13 @@ def evaluate_model(
     rank 0 only with distributed=False (the default)."""
     rank, world_size = distributed_rank() if distributed else (0, 1)
     sets = [d for d in datasets if isinstance(d, EvalSet)]
-    sets += resolve_datasets([d for d in datasets if not isinstance(d, EvalSet)], data_dir,
-                             cache_dir or DEFAULT_CACHE_DIR, beir_split, download)
+    sets += resolve_datasets(
+        [d for d in datasets if not isinstance(d, EvalSet)],
+        data_dir,
+        cache_dir or DEFAULT_CACHE_DIR,
+        beir_split,
+        download,
+    )
     if not sets:
         raise InputError("nothing to evaluate: name at least one data set")
     if keep_self_hits:
@@ -638,33 +711,64 @@ def evaluate_model(
         for eval_set in sets:
             corpora.setdefault(eval_set.corpus_file.resolve(), []).append(eval_set)
         for corpus_file, group in corpora.items():
-            docs = document_vectors(corpus_file, model, fingerprint, cache_root, batch_size, device, precision,
-                                    rank, world_size, show_progress)
+            docs = document_vectors(
+                corpus_file,
+                model,
+                fingerprint,
+                cache_root,
+                batch_size,
+                device,
+                precision,
+                rank,
+                world_size,
+                show_progress,
+            )
             if docs is None:  # another rank than 0: its share of the documents is encoded
                 continue
             started = time.perf_counter()
             index = retrieval.build_index(docs.shards, show_progress=show_progress)
             tie_ranks = retrieval.trec_tie_ranks(docs.doc_ids)
             index_seconds = time.perf_counter() - started
-            log(f"index of {corpus_file.name}: {index.num_docs:,} documents, {index.nnz:,} postings, "
-                f"{index.nbytes / 2**30:.2f} GiB, {index_seconds:.1f} s")
+            log(
+                f"index of {corpus_file.name}: {index.num_docs:,} documents, {index.nnz:,} postings, "
+                f"{index.nbytes / 2**30:.2f} GiB, {index_seconds:.1f} s"
+            )
             known = set(docs.doc_ids)
             for eval_set in group:
                 warn_unjudgeable(eval_set, known)
                 started = time.perf_counter()
-                query_vectors = encode(model, list(eval_set.queries.values()), batch_size, device, precision,
-                                       desc=f"encode {eval_set.name} queries", show_progress=show_progress)
+                query_vectors = encode(
+                    model,
+                    list(eval_set.queries.values()),
+                    batch_size,
+                    device,
+                    precision,
+                    desc=f"encode {eval_set.name} queries",
+                    show_progress=show_progress,
+                )
                 query_seconds = time.perf_counter() - started
-                metrics, result = evaluate_on_index(eval_set, index, docs.doc_ids, tie_ranks, query_vectors,
-                                                    top_k, show_progress)
-                metrics.update(encode_seconds=docs.encode_seconds + query_seconds, index_seconds=index_seconds,
-                               doc_vectors_cached=docs.cached, recall_min_rel=eval_set.recall_min_rel)
+                metrics, result = evaluate_on_index(
+                    eval_set, index, docs.doc_ids, tie_ranks, query_vectors, top_k, show_progress
+                )
+                metrics.update(
+                    encode_seconds=docs.encode_seconds + query_seconds,
+                    index_seconds=index_seconds,
+                    doc_vectors_cached=docs.cached,
+                    recall_min_rel=eval_set.recall_min_rel,
+                )
                 results[eval_set.name] = metrics
                 if output_dir and write_runs:
-                    retrieval.write_trec_run(output_dir / "runs" / f"{eval_set.name}.trec", result,
-                                             list(eval_set.queries), docs.doc_ids, run_name)
-                log(f"{eval_set.name}: nDCG@10 {metrics['ndcg@10']:.4f}  MRR@10 {metrics['mrr@10']:.4f}  "
-                    f"R@1k {metrics['recall@1000']:.4f}  FLOPS {metrics['flops']:.3f}")
+                    retrieval.write_trec_run(
+                        output_dir / "runs" / f"{eval_set.name}.trec",
+                        result,
+                        list(eval_set.queries),
+                        docs.doc_ids,
+                        run_name,
+                    )
+                log(
+                    f"{eval_set.name}: nDCG@10 {metrics['ndcg@10']:.4f}  MRR@10 {metrics['mrr@10']:.4f}  "
+                    f"R@1k {metrics['recall@1000']:.4f}  FLOPS {metrics['flops']:.3f}"
+                )
             del index, known
     finally:
         if temporary:
@@ -679,8 +783,10 @@ def evaluate_model(
         if eval_set.beir_group:
             beir.setdefault(eval_set.beir_group, []).append(results[eval_set.name]["ndcg@10"])
     if beir:
-        results["beir-mean"] = {"ndcg@10": float(np.mean([np.mean(v) for v in beir.values()])),
-                                "datasets": sorted(beir)}
+        results["beir-mean"] = {
+            "ndcg@10": float(np.mean([np.mean(v) for v in beir.values()])),
+            "datasets": sorted(beir),
+        }
     if output_dir:
         (output_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     return results
@@ -693,6 +799,7 @@ def evaluate_model(
 
 def results_table(results: dict, model_name: str) -> str:
     """The seed's results table (metrics x 100, FLOPS as is) and one line per data set."""
+
     def cell(name, metric):
         value = results.get(name, {}).get(metric)
         return "" if value is None else f"{100 * value:.1f}"
@@ -702,8 +809,19 @@ def results_table(results: dict, model_name: str) -> str:
     row = [model_name] + [cell(name, metric) for name, metric, _ in TABLE_COLUMNS]
     row.append("" if flops is None else f"{flops:.2f}")
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers), "| " + " | ".join(row) + " |", ""]
-    detail = ["data set", "nDCG@10", "MRR@10", "R@1k", "FLOPS", "q dims", "d dims", "queries", "docs",
-              "encode s", "search s"]
+    detail = [
+        "data set",
+        "nDCG@10",
+        "MRR@10",
+        "R@1k",
+        "FLOPS",
+        "q dims",
+        "d dims",
+        "queries",
+        "docs",
+        "encode s",
+        "search s",
+    ]
     lines += ["| " + " | ".join(detail) + " |", "|" + "---|" * len(detail)]
     for name, m in results.items():
         if name == "beir-mean":
@@ -713,7 +831,8 @@ def results_table(results: dict, model_name: str) -> str:
             f"| {name} | {100 * m['ndcg@10']:.1f} | {100 * m['mrr@10']:.1f} | {100 * m['recall@1000']:.1f}"
             + (" (rel>=2)" if m.get("recall_min_rel", 1) > 1 else "")
             + f" | {m['flops']:.2f} | {m['query_active_dims']:.1f} | {m['doc_active_dims']:.1f} | "
-            f"{m['num_queries']} | {m['num_docs']} | {m['encode_seconds']:.1f} | {m['search_seconds']:.2f} |")
+            f"{m['num_queries']} | {m['num_docs']} | {m['encode_seconds']:.1f} | {m['search_seconds']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -721,23 +840,43 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model directory saved by the training scripts, or a SPLADE checkpoint")
     parser.add_argument("--msmarco", action="store_true", help="MS MARCO dev small (MRR@10, R@1k)")
-    parser.add_argument("--trec-dl", "--trec_dl", nargs="*", type=int, choices=(2019, 2020), metavar="YEAR",
-                        help="TREC DL passage years (no year: 2019 and 2020)")
-    parser.add_argument("--beir", nargs="+", default=[], metavar="NAME_OR_DIR",
-                        help="BEIR set names (downloaded), directories in BEIR layout or .zip files")
+    parser.add_argument(
+        "--trec-dl",
+        "--trec_dl",
+        nargs="*",
+        type=int,
+        choices=(2019, 2020),
+        metavar="YEAR",
+        help="TREC DL passage years (no year: 2019 and 2020)",
+    )
+    parser.add_argument(
+        "--beir",
+        nargs="+",
+        default=[],
+        metavar="NAME_OR_DIR",
+        help="BEIR set names (downloaded), directories in BEIR layout or .zip files",
+    )
     parser.add_argument("--beir_split", default="test", help="qrels file of the BEIR sets (qrels/<split>.tsv)")
-    parser.add_argument("--keep_self_hits", action="store_true",
-                        help="BEIR: keep a hit whose id equals the query id (BEIR drops it)")
+    parser.add_argument(
+        "--keep_self_hits", action="store_true", help="BEIR: keep a hit whose id equals the query id (BEIR drops it)"
+    )
     parser.add_argument("--data_dir", default="msmarco-data", help="MS MARCO / TREC DL files (downloaded if missing)")
     parser.add_argument("--no_download", action="store_true", help="fail instead of downloading missing files")
     parser.add_argument("--output", help="where metrics.json and runs/ go (default: output/eval-<model name>)")
-    parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR),
-                        help="document-vector cache and downloaded BEIR sets (env SPLADE_CACHE_DIR)")
+    parser.add_argument(
+        "--cache_dir",
+        default=str(DEFAULT_CACHE_DIR),
+        help="document-vector cache and downloaded BEIR sets (env SPLADE_CACHE_DIR)",
+    )
     parser.add_argument("--no_cache", action="store_true", help="do not keep document vectors")
     parser.add_argument("--max_seq_length", type=int, help="truncation in tokens (default: the model's)")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                        help="encoding precision; auto = bf16 on a GPU, fp32 on a CPU")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="encoding precision; auto = bf16 on a GPU, fp32 on a CPU",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU if there is one)")
     parser.add_argument("--top_k", type=int, default=TOP_K, help="hits per query in runs and metrics")
     parser.add_argument("--run_name", help="last column of the run files (default: the model's folder name)")
@@ -760,11 +899,23 @@ def main(argv=None) -> int:
         if world_size > 1 and torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         results = evaluate_model(
-            args.model, datasets, output, data_dir=args.data_dir, cache_dir=None if args.no_cache else args.cache_dir,
-            max_seq_length=args.max_seq_length, batch_size=args.batch_size, precision=args.precision,
-            device=args.device, top_k=args.top_k, beir_split=args.beir_split, download=not args.no_download,
-            write_runs=not args.no_runs, run_name=args.run_name, keep_self_hits=args.keep_self_hits,
-            distributed=world_size > 1)
+            args.model,
+            datasets,
+            output,
+            data_dir=args.data_dir,
+            cache_dir=None if args.no_cache else args.cache_dir,
+            max_seq_length=args.max_seq_length,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            device=args.device,
+            top_k=args.top_k,
+            beir_split=args.beir_split,
+            download=not args.no_download,
+            write_runs=not args.no_runs,
+            run_name=args.run_name,
+            keep_self_hits=args.keep_self_hits,
+            distributed=world_size > 1,
+        )
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,9 +18,9 @@ Nothing here knows about models or files of a data set; it works on scipy CSR ma
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numba
 import numpy as np
@@ -132,8 +132,13 @@ def build_index(doc_vectors, vocab_size: int | None = None, show_progress: bool 
     for shard in tqdm(shards, desc="index: fill", disable=not show_progress or len(shards) == 1):
         matrix = _load_shard(shard)
         _scatter_postings(
-            matrix.indptr.astype(np.int64), matrix.indices.astype(np.int32), matrix.data,
-            first_doc, fill_pos, doc_index, weights,
+            matrix.indptr.astype(np.int64),
+            matrix.indices.astype(np.int32),
+            matrix.data,
+            first_doc,
+            fill_pos,
+            doc_index,
+            weights,
         )
         first_doc += matrix.shape[0]
         del matrix
@@ -181,15 +186,34 @@ def _pack(score_bits, rank):
 @numba.njit(inline="always")
 def _keep_best(keys, n, k):
     """Move the k largest of keys[:n] to keys[:k] (in any order); return the smallest of them."""
-    best = np.partition(keys[:n], n - k)[n - k:]
+    best = np.partition(keys[:n], n - k)[n - k :]
     keys[:k] = best
     return best.min()
 
 
 @numba.njit(parallel=True, cache=True)
-def _search_queries(term_ptr, doc_index, weights, num_docs, q_ptr, q_terms, q_weights, first_query, last_query,
-                    k, block_docs, tie_rank, doc_of_rank, exclude, acc_workspace, cursor_workspace, key_workspace,
-                    out_doc, out_score_bits, out_hits):
+def _search_queries(
+    term_ptr,
+    doc_index,
+    weights,
+    num_docs,
+    q_ptr,
+    q_terms,
+    q_weights,
+    first_query,
+    last_query,
+    k,
+    block_docs,
+    tie_rank,
+    doc_of_rank,
+    exclude,
+    acc_workspace,
+    cursor_workspace,
+    key_workspace,
+    out_doc,
+    out_score_bits,
+    out_hits,
+):
     """Score queries first_query..last_query-1 exactly and keep each one's top k.
 
     Term-at-a-time in blocks of documents: for each block, add every query term's postings that
@@ -313,10 +337,26 @@ def search(
         for first in range(0, num_queries, step):
             last = min(first + step, num_queries)
             _search_queries(
-                index.term_ptr, index.doc_index, index.weights, index.num_docs, q_ptr, q_terms, queries.data,
-                first, last, k, block_docs, tie_ranks, doc_of_rank, exclude,
-                acc_workspace, cursor_workspace, key_workspace,
-                out_doc[first:last], out_score_bits[first:last], out_hits[first:last],
+                index.term_ptr,
+                index.doc_index,
+                index.weights,
+                index.num_docs,
+                q_ptr,
+                q_terms,
+                queries.data,
+                first,
+                last,
+                k,
+                block_docs,
+                tie_ranks,
+                doc_of_rank,
+                exclude,
+                acc_workspace,
+                cursor_workspace,
+                key_workspace,
+                out_doc[first:last],
+                out_score_bits[first:last],
+                out_hits[first:last],
             )
             bar.update(last - first)
     return SearchResult(doc_index=out_doc, scores=out_score_bits.view(np.float32), num_hits=out_hits)
@@ -359,8 +399,7 @@ def result_to_run(result: SearchResult, query_ids: Sequence[str], doc_ids: Seque
     return run
 
 
-def write_trec_run(path, result: SearchResult, query_ids: Sequence[str], doc_ids: Sequence[str],
-                   run_name: str) -> None:
+def write_trec_run(path, result: SearchResult, query_ids: Sequence[str], doc_ids: Sequence[str], run_name: str) -> None:
     """TREC run file: ``qid Q0 docid rank score run_name``, rank from 1, best first. Scores
     are printed with 9 significant digits, which round-trips float32: equal scores stay equal
     and the order is kept, so trec_eval sorts the file exactly as we ranked."""
@@ -403,8 +442,11 @@ def evaluate_run(run: dict, qrels: dict, recall_min_rel: int = 1) -> dict:
     recall = R(rel=recall_min_rel) @ 1000 if recall_min_rel != 1 else R @ 1000
     per_query = {name: dict.fromkeys(judged, 0.0) for name in ("mrr@10", "ndcg@10", "recall@1000")}
     if run:
-        for name, measure, measured_run in (("mrr@10", RR, run_at_10), ("ndcg@10", nDCG @ 10, run),
-                                            ("recall@1000", recall, run)):
+        for name, measure, measured_run in (
+            ("mrr@10", RR, run_at_10),
+            ("ndcg@10", nDCG @ 10, run),
+            ("recall@1000", recall, run),
+        ):
             for metric in ir_measures.pytrec_eval.iter_calc([measure], qrels, measured_run):
                 per_query[name][metric.query_id] = metric.value
     return {name: float(np.mean(list(values.values()))) if values else 0.0 for name, values in per_query.items()}

@@ -50,7 +50,10 @@ model = training.build_model(args, training_set.texts())
 loss = MultipleNegativesRankingLossSplade(model, args.lambda_q, args.lambda_d, args.lambda_warmup_steps)
 
 # Train
-output_dir = training.run_dir(args, f"Splade_max_{args.lambda_q}_{args.lambda_d}_cemargin{args.ce_score_margin}_{{model}}-batch_size_{args.train_batch_size}")
+output_dir = training.run_dir(
+    args,
+    f"Splade_max_{args.lambda_q}_{args.lambda_d}_cemargin{args.ce_score_margin}_{{model}}-batch_size_{args.train_batch_size}",
+)
 trainer = training.make_trainer(model, loss, train_dataset, args, output_dir)
 mrr_before = training.sample_dev_mrr(model) if args.sample else None
 trainer.train(resume_from_checkpoint=training.resume_checkpoint(args, output_dir))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -63,25 +62,47 @@ def parse_args(description: str, hyperparameters: dict, argv: list[str] | None =
         if isinstance(default, bool):
             parser.add_argument(f"--{name}", action="store_true", default=default, help=HELP[name])
         else:
-            parser.add_argument(f"--{name}", type=type(default) if default is not None else str, default=default, help=HELP[name])
-    parser.add_argument("--sample", action="store_true", help="train on the bundled data/sample/ offline in minutes "
-                        f"(changes the defaults to {SAMPLE_DEFAULTS})")
-    parser.add_argument("--data_dir", default="msmarco-data", help="where the MS MARCO files are (downloaded when missing)")
+            parser.add_argument(
+                f"--{name}", type=type(default) if default is not None else str, default=default, help=HELP[name]
+            )
+    parser.add_argument(
+        "--sample",
+        action="store_true",
+        help=f"train on the bundled data/sample/ offline in minutes (changes the defaults to {SAMPLE_DEFAULTS})",
+    )
+    parser.add_argument(
+        "--data_dir", default="msmarco-data", help="where the MS MARCO files are (downloaded when missing)"
+    )
     parser.add_argument("--output_dir", default=None, help="run folder (default: output/<name as the seed named it>)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the model init, data order and negatives")
-    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                        help="auto: bf16 on GPUs that support it, else fp16 with loss scaling on GPUs, fp32 on CPU")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        default="auto",
+        help="auto: bf16 on GPUs that support it, else fp16 with loss scaling on GPUs, fp32 on CPU",
+    )
     parser.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (quick runs)")
     parser.add_argument("--save_steps", type=int, default=2000, help="checkpoint every this many steps")
     parser.add_argument("--save_total_limit", type=int, default=3, help="keep this many checkpoints")
-    parser.add_argument("--logging_steps", type=int, default=100, help="log loss terms, lambdas and active dims every N steps")
-    parser.add_argument("--resume_from_checkpoint", default=None,
-                        help="a checkpoint folder, or 'last' for the newest checkpoint in --output_dir")
+    parser.add_argument(
+        "--logging_steps", type=int, default=100, help="log loss terms, lambdas and active dims every N steps"
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="a checkpoint folder, or 'last' for the newest checkpoint in --output_dir",
+    )
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="data-loader worker processes")
-    parser.add_argument("--no_lean_head", action="store_true",
-                        help="plain autograd through the SPLADE max instead of the memory-lean head (same numbers)")
-    parser.add_argument("--evaluate", action="store_true",
-                        help="after training, evaluate (sample dev, or MS MARCO dev + TREC DL 2019/2020) into the model card")
+    parser.add_argument(
+        "--no_lean_head",
+        action="store_true",
+        help="plain autograd through the SPLADE max instead of the memory-lean head (same numbers)",
+    )
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="after training, evaluate (sample dev, or MS MARCO dev + TREC DL 2019/2020) into the model card",
+    )
     if "--sample" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**SAMPLE_DEFAULTS, data_dir=str(SAMPLE_DIR))
     args = parser.parse_args(argv)
@@ -107,7 +128,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.train_batch_size < 2:
         sys.exit("error: --train_batch_size must be at least 2: the other queries' passages are the in-batch negatives")
     if args.precision in ("fp16", "bf16") and not torch.cuda.is_available():
-        sys.exit(f"error: --precision {args.precision} needs a CUDA GPU and none is visible; use --precision fp32 on CPU")
+        sys.exit(
+            f"error: --precision {args.precision} needs a CUDA GPU and none is visible; use --precision fp32 on CPU"
+        )
     if args.precision == "bf16" and not torch.cuda.is_bf16_supported():
         sys.exit("error: this GPU does not support bf16; use --precision fp16")
 
@@ -128,7 +151,9 @@ def build_model(args: argparse.Namespace, training_texts) -> SpladeEncoder:
     try:
         return load_splade(args.model_name, args.max_seq_length, lean_head=not args.no_lean_head)
     except OSError as error:
-        sys.exit(f"error: {error}\nWithout internet, pass a local directory (e.g. --model_name ../shared/models/splade-tiny).")
+        sys.exit(
+            f"error: {error}\nWithout internet, pass a local directory (e.g. --model_name ../shared/models/splade-tiny)."
+        )
 
 
 def build_sample_model(texts, max_seq_length: int, seed: int, lean_head: bool = True) -> SpladeEncoder:
@@ -150,17 +175,29 @@ def build_sample_model(texts, max_seq_length: int, seed: int, lean_head: bool = 
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=vocabulary, model_max_length=max_seq_length,
-        unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        tokenizer_object=vocabulary,
+        model_max_length=max_seq_length,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
     config = BertConfig(
-        vocab_size=vocabulary.get_vocab_size(), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=512, max_position_embeddings=max(512, max_seq_length), pad_token_id=0,
+        vocab_size=vocabulary.get_vocab_size(),
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=512,
+        max_position_embeddings=max(512, max_seq_length),
+        pad_token_id=0,
         architectures=["BertForMaskedLM"],
     )
     torch.manual_seed(seed)
     mlm = BertForMaskedLM(config)
-    return SpladeEncoder(modules=[SpladeMax(mlm=mlm, tokenizer=tokenizer, max_seq_length=max_seq_length, lean_head=lean_head)])
+    return SpladeEncoder(
+        modules=[SpladeMax(mlm=mlm, tokenizer=tokenizer, max_seq_length=max_seq_length, lean_head=lean_head)]
+    )
 
 
 def run_dir(args: argparse.Namespace, name: str) -> Path:
@@ -171,7 +208,9 @@ def run_dir(args: argparse.Namespace, name: str) -> Path:
         return Path(args.resume_from_checkpoint).resolve().parent
     if args.resume_from_checkpoint == "last":
         sys.exit("error: --resume_from_checkpoint last needs --output_dir (the run folder to resume)")
-    model = "sample" if args.sample and args.model_name == SAMPLE_MODEL else args.model_name.strip("/").replace("/", "-")
+    model = (
+        "sample" if args.sample and args.model_name == SAMPLE_MODEL else args.model_name.strip("/").replace("/", "-")
+    )
     return Path("output") / f"{name.format(model=model)}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
 
 
@@ -234,7 +273,9 @@ def sample_dev_mrr(model) -> float:
     """MRR@10 on the sample's dev queries (exact retrieval over the sample collection)."""
     from evaluate import evaluate_model
 
-    metrics = evaluate_model(model, [str(SAMPLE_DIR)], cache_dir=None, precision="fp32", write_runs=False, show_progress=False)
+    metrics = evaluate_model(
+        model, [str(SAMPLE_DIR)], cache_dir=None, precision="fp32", write_runs=False, show_progress=False
+    )
     return metrics["msmarco-dev"]["mrr@10"]
 
 
@@ -245,7 +286,9 @@ def evaluate_after_training(model, trainer, args, output_dir: Path, mrr_before: 
     metrics = {}
     if args.sample:
         metrics["sample-dev mrr@10"] = {"before training": mrr_before, "after training": sample_dev_mrr(model)}
-        print(f"sample dev MRR@10: {mrr_before:.4f} before training, {metrics['sample-dev mrr@10']['after training']:.4f} after")
+        print(
+            f"sample dev MRR@10: {mrr_before:.4f} before training, {metrics['sample-dev mrr@10']['after training']:.4f} after"
+        )
     if args.evaluate:
         from evaluate import evaluate_model, results_table
 
@@ -280,7 +323,14 @@ def plot_training_curves(log_history: list[dict], path: Path) -> None:
 
     logs = [entry for entry in log_history if "loss" in entry]
     panels = [
-        ("loss terms", [k for k in ("loss", "ranking_loss", "mse_loss", "flops_q_loss", "flops_d_loss") if any(k in e for e in logs)]),
+        (
+            "loss terms",
+            [
+                k
+                for k in ("loss", "ranking_loss", "mse_loss", "flops_q_loss", "flops_d_loss")
+                if any(k in e for e in logs)
+            ],
+        ),
         ("FLOPS (raw)", ["flops_q", "flops_d"]),
         ("active dimensions", ["active_dims_q", "active_dims_d"]),
         ("lambda and learning rate", ["lambda_q", "lambda_d", "learning_rate"]),
@@ -303,7 +353,7 @@ def write_model_card(output_dir: Path, script: str, hyperparameters: dict, metri
     lines = [
         f"# {output_dir.name}",
         "",
-        f"A SPLADE sparse retriever trained with `{script}.py` (NAVER's \"Training SPLADE on MSMARCO v1\" recipe "
+        f'A SPLADE sparse retriever trained with `{script}.py` (NAVER\'s "Training SPLADE on MSMARCO v1" recipe '
         "on sentence-transformers).",
         "",
         "```python",

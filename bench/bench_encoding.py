@@ -29,28 +29,39 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default=str(SHARED / "models" / "splade-tiny"),
-                    help="checkpoint directory, or 'distilbert-random' (DistilBERT-shaped random masked-LM)")
-parser.add_argument("--decoder-bias", type=float, default=0.0,
-                    help="distilbert-random only: constant vocabulary bias. 0 = plain init, every term active (the dense "
-                         "worst case of the lean head); -2.15 leaves ~250 active terms per 256-token document, as a trained SPLADE")
+parser.add_argument(
+    "--model",
+    default=str(SHARED / "models" / "splade-tiny"),
+    help="checkpoint directory, or 'distilbert-random' (DistilBERT-shaped random masked-LM)",
+)
+parser.add_argument(
+    "--decoder-bias",
+    type=float,
+    default=0.0,
+    help="distilbert-random only: constant vocabulary bias. 0 = plain init, every term active (the dense "
+    "worst case of the lean head); -2.15 leaves ~250 active terms per 256-token document, as a trained SPLADE",
+)
 parser.add_argument("--corpus", default=str(SHARED / "data" / "beir" / "cisi" / "corpus.jsonl"))
 parser.add_argument("--docs", type=int, default=0, help="encode the first N documents (0: all)")
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--max-seq-length", type=int, default=256)
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-parser.add_argument("--wait-idle", type=float, default=120,
-                    help="seconds to wait, before starting, for other processes to leave the CPU idle (shared machines)")
+parser.add_argument(
+    "--wait-idle",
+    type=float,
+    default=120,
+    help="seconds to wait, before starting, for other processes to leave the CPU idle (shared machines)",
+)
 parser.add_argument("--output", help="write the results as JSON here")
 args = parser.parse_args()
 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from splade_module import load_splade  # noqa: E402
-from common import build_random_distilbert, machine_name, cpu_counters, others_cpu_pct, wait_for_idle  # noqa: E402
+from common import build_random_distilbert, cpu_counters, machine_name, others_cpu_pct, wait_for_idle  # noqa: E402
 
+from splade_module import load_splade  # noqa: E402
 
 # ---------------------------------------------------------------- contention (other processes on the same cores)
 
@@ -97,7 +108,10 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     active_a, active_b = a > 0, b > 0
     return {
         "max_abs_diff": float((a - b).abs().max()),
-        "active_per_doc": [round(float(active_a.sum(1).float().mean()), 2), round(float(active_b.sum(1).float().mean()), 2)],
+        "active_per_doc": [
+            round(float(active_a.sum(1).float().mean()), 2),
+            round(float(active_b.sum(1).float().mean()), 2),
+        ],
         "active_count_change_pct": round(100 * float(active_b.sum() - active_a.sum()) / max(1, int(active_a.sum())), 3),
         "terms_active_in_one_only_per_doc": round(float((active_a ^ active_b).sum(1).float().mean()), 2),
     }
@@ -135,9 +149,17 @@ def main() -> None:
 
     rows = [("st", st_s), ("ours fp32", fp32_s), ("ours bf16", bf16_s)]
     config = {
-        "model": args.model, "decoder_bias": args.decoder_bias, "docs": len(texts), "batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
-        "threads": args.threads, "device": device, "machine": machine_name(device), "torch": torch.__version__,
-        "others_cpu_pct": others, "cpu_per_wall": round(cpu_per_wall, 2),
+        "model": args.model,
+        "decoder_bias": args.decoder_bias,
+        "docs": len(texts),
+        "batch_size": args.batch_size,
+        "max_seq_length": args.max_seq_length,
+        "threads": args.threads,
+        "device": device,
+        "machine": machine_name(device),
+        "torch": torch.__version__,
+        "others_cpu_pct": others,
+        "cpu_per_wall": round(cpu_per_wall, 2),
     }
     results = {
         "seconds": {name: round(s, 2) for name, s in rows},
@@ -152,15 +174,18 @@ def main() -> None:
         print(f"{name:<10} {seconds:>8.2f} {len(texts) / seconds:>8.1f} {st_s / seconds:>5.2f}x")
     for name in ("ours_fp32_vs_st", "bf16_vs_fp32"):
         c = results[name]
-        print(f"{name}: max |diff| {c['max_abs_diff']:.4g}, active terms/doc {c['active_per_doc'][0]} -> "
-              f"{c['active_per_doc'][1]} ({c['active_count_change_pct']:+.2f} %), "
-              f"terms active in only one: {c['terms_active_in_one_only_per_doc']}/doc")
+        print(
+            f"{name}: max |diff| {c['max_abs_diff']:.4g}, active terms/doc {c['active_per_doc'][0]} -> "
+            f"{c['active_per_doc'][1]} ({c['active_count_change_pct']:+.2f} %), "
+            f"terms active in only one: {c['terms_active_in_one_only_per_doc']}/doc"
+        )
     if others > 5 and not (args.threads == 1 and cpu_per_wall > 0.95):
-        print(f"WARNING: other processes took {others} % of the CPU meanwhile; rerun on an idle machine "
-              "(or with --threads 1, which only needs one free core)")
+        print(
+            f"WARNING: other processes took {others} % of the CPU meanwhile; rerun on an idle machine "
+            "(or with --threads 1, which only needs one free core)"
+        )
     if args.output:
         Path(args.output).write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
-
 
 
 if __name__ == "__main__":

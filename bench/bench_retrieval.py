@@ -64,10 +64,10 @@ def scipy_top_k(queries: sp.csr_matrix, postings: sp.csr_matrix, k: int, batch: 
     """Top k by scipy: dense score rows from a sparse product, argpartition, then sort."""
     top = np.empty((queries.shape[0], k), dtype=np.int64)
     for start in range(0, queries.shape[0], batch):
-        scores = (queries[start: start + batch] @ postings).toarray()
+        scores = (queries[start : start + batch] @ postings).toarray()
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(scores, part, 1), axis=1, kind="stable")
-        top[start: start + batch] = np.take_along_axis(part, order, 1)
+        top[start : start + batch] = np.take_along_axis(part, order, 1)
     return top
 
 
@@ -84,15 +84,19 @@ def main():
     started = time.perf_counter()
     docs = synthetic_vectors(args.docs, 100, 150, p, seed=1)
     queries = synthetic_vectors(args.queries, 20, 40, p, seed=2)
-    print(f"data: {args.docs:,} docs x {docs.nnz / args.docs:.1f} terms, {args.queries} queries x "
-          f"{queries.nnz / args.queries:.1f} terms ({time.perf_counter() - started:.0f} s to generate)")
+    print(
+        f"data: {args.docs:,} docs x {docs.nnz / args.docs:.1f} terms, {args.queries} queries x "
+        f"{queries.nnz / args.queries:.1f} terms ({time.perf_counter() - started:.0f} s to generate)"
+    )
 
     started = time.perf_counter()
     index = retrieval.build_index(docs)
     build_seconds = time.perf_counter() - started
-    print(f"index: {index.nbytes / 2**30:.2f} GiB ({index.nbytes / index.nnz:.2f} bytes/posting), "
-          f"built in {build_seconds:.1f} s; FLOPS statistic {retrieval.flops_statistic(queries, index):.2f}; "
-          f"process RSS {psutil.Process().memory_info().rss / 2**30:.1f} GiB")
+    print(
+        f"index: {index.nbytes / 2**30:.2f} GiB ({index.nbytes / index.nnz:.2f} bytes/posting), "
+        f"built in {build_seconds:.1f} s; FLOPS statistic {retrieval.flops_statistic(queries, index):.2f}; "
+        f"process RSS {psutil.Process().memory_info().rss / 2**30:.1f} GiB"
+    )
 
     retrieval.search(index, queries[:2], k=args.k)  # compile
     threads = numba.config.NUMBA_NUM_THREADS
@@ -122,8 +126,10 @@ def main():
             if not np.allclose(exact[q, ours], exact[q, reference[q]], rtol=1e-5, atol=0):
                 mismatched += 1
     print(f"top-{args.k} agreement with scipy: {subset.shape[0] - mismatched}/{subset.shape[0]} queries")
-    print(f"speed-up over scipy: {scipy_ms / timings[1]:.1f}x on 1 thread, {scipy_ms / timings[threads]:.1f}x "
-          f"on {threads} threads")
+    print(
+        f"speed-up over scipy: {scipy_ms / timings[1]:.1f}x on 1 thread, {scipy_ms / timings[threads]:.1f}x "
+        f"on {threads} threads"
+    )
 
 
 if __name__ == "__main__":

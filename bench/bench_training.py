@@ -46,11 +46,18 @@ SHARED = ROOT.parent / "shared"
 VARIANTS = ("lean", "autograd", "naive", "st")
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default=str(SHARED / "models" / "splade-tiny"),
-                    help="checkpoint directory, or 'distilbert-random' (DistilBERT-shaped random masked-LM)")
-parser.add_argument("--decoder-bias", type=float, default=0.0,
-                    help="distilbert-random only: constant vocabulary bias. 0 = plain init, every term active (the dense "
-                         "worst case of the lean head); -2.15 leaves ~250 active terms per 256-token document, as a trained SPLADE")
+parser.add_argument(
+    "--model",
+    default=str(SHARED / "models" / "splade-tiny"),
+    help="checkpoint directory, or 'distilbert-random' (DistilBERT-shaped random masked-LM)",
+)
+parser.add_argument(
+    "--decoder-bias",
+    type=float,
+    default=0.0,
+    help="distilbert-random only: constant vocabulary bias. 0 = plain init, every term active (the dense "
+    "worst case of the lean head); -2.15 leaves ~250 active terms per 256-token document, as a trained SPLADE",
+)
 parser.add_argument("--variant", choices=VARIANTS + ("all",), default="all")
 parser.add_argument("--batch", type=int, default=16, help="queries per step; as many positives and negatives")
 parser.add_argument("--doc-length", type=int, default=256, help="max_seq_length (documents are all at least this long)")
@@ -60,12 +67,22 @@ parser.add_argument("--lambda-q", type=float, default=0.0008)
 parser.add_argument("--lambda-d", type=float, default=0.0006)
 parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (always on for CUDA)")
-parser.add_argument("--find-max-batch", action="store_true", help="GPU: double then bisect the batch until OOM, lean vs st")
+parser.add_argument(
+    "--find-max-batch", action="store_true", help="GPU: double then bisect the batch until OOM, lean vs st"
+)
 parser.add_argument("--max-batch-limit", type=int, default=4096)
-parser.add_argument("--peak-flops", type=float, default=989e12, help="the GPU's peak bf16 FLOP/s (H100 SXM dense: 989e12)")
-parser.add_argument("--wait-idle", type=float, default=120,
-                    help="seconds to wait, before each variant, for other processes to leave the CPU idle (shared machines)")
-parser.add_argument("--retries", type=int, default=1, help="re-run a variant whose steps other processes disturbed (> 5 %% CPU)")
+parser.add_argument(
+    "--peak-flops", type=float, default=989e12, help="the GPU's peak bf16 FLOP/s (H100 SXM dense: 989e12)"
+)
+parser.add_argument(
+    "--wait-idle",
+    type=float,
+    default=120,
+    help="seconds to wait, before each variant, for other processes to leave the CPU idle (shared machines)",
+)
+parser.add_argument(
+    "--retries", type=int, default=1, help="re-run a variant whose steps other processes disturbed (> 5 %% CPU)"
+)
 parser.add_argument("--json", action="store_true", help="(child mode) print one JSON result line")
 parser.add_argument("--output", help="write the results as JSON here")
 args = parser.parse_args()
@@ -73,9 +90,10 @@ args = parser.parse_args()
 import torch  # noqa: E402  (after argparse so that --help is instant)
 
 sys.path.insert(0, str(ROOT))
+from common import build_random_distilbert, cpu_counters, machine_name, others_cpu_pct, wait_for_idle  # noqa: E402
+
 from losses import MultipleNegativesRankingLossSplade  # noqa: E402
 from splade_module import load_splade, splade_max_naive  # noqa: E402
-from common import build_random_distilbert, machine_name, cpu_counters, others_cpu_pct, wait_for_idle  # noqa: E402
 
 
 def pick_device() -> str:
@@ -279,8 +297,9 @@ def measure_steps(variant: str, path: str, device: str) -> dict:
         "tokens_per_s": round(tokens / step_s, 1),
         "active_terms_per_doc": round(float((embedding > 0).sum(1).float().mean()), 1),
         "others_cpu_pct": others,
-        "peak_rss_method": "cuda.max_memory_allocated" if device == "cuda" else
-        ("VmHWM after clear_refs" if PeakRss.exact else "psutil 1 ms sampler"),
+        "peak_rss_method": "cuda.max_memory_allocated"
+        if device == "cuda"
+        else ("VmHWM after clear_refs" if PeakRss.exact else "psutil 1 ms sampler"),
     }
     if device == "cuda":
         result["mfu"] = round(flops_per_token * tokens / step_s / args.peak_flops, 4)
@@ -323,7 +342,17 @@ def find_max_batch(variant: str, path: str, device: str) -> dict:
 
 def run_child(variant: str, path: str) -> dict:
     command = [sys.executable, __file__, "--variant", variant, "--json", "--model", path]
-    for flag in ("batch", "doc_length", "steps", "threads", "lambda_q", "lambda_d", "device", "max_batch_limit", "peak_flops"):
+    for flag in (
+        "batch",
+        "doc_length",
+        "steps",
+        "threads",
+        "lambda_q",
+        "lambda_d",
+        "device",
+        "max_batch_limit",
+        "peak_flops",
+    ):
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     command += ["--bf16"] * args.bf16 + ["--find-max-batch"] * args.find_max_batch
     done = subprocess.run(command, capture_output=True, text=True)
@@ -348,17 +377,21 @@ def ratio(value, reference):
 def print_table(results: list[dict]) -> None:
     by_name = {r["variant"]: r for r in results if "error" not in r}
     st, naive = by_name.get("st", {}), by_name.get("naive", {})
-    print(f"{'variant':<9} {'median step ms':>14} {'peak extra MB':>13} {'time/st':>8} {'mem/st':>7} "
-          f"{'time/naive':>10} {'mem/naive':>9} {'tokens/s':>9} {'active/doc':>10}" + ("  mfu" if "mfu" in st else ""))
+    print(
+        f"{'variant':<9} {'median step ms':>14} {'peak extra MB':>13} {'time/st':>8} {'mem/st':>7} "
+        f"{'time/naive':>10} {'mem/naive':>9} {'tokens/s':>9} {'active/doc':>10}" + ("  mfu" if "mfu" in st else "")
+    )
     for r in results:
         if "error" in r:
             print(f"{r['variant']:<9} FAILED: {r['error']}")
             continue
         t, m = r["median_step_ms"], r["median_peak_extra_mb"]
-        print(f"{r['variant']:<9} {t:>14.1f} {m:>13.1f} {ratio(t, st.get('median_step_ms')):>8} "
-              f"{ratio(m, st.get('median_peak_extra_mb')):>7} {ratio(t, naive.get('median_step_ms')):>10} "
-              f"{ratio(m, naive.get('median_peak_extra_mb')):>9} {r['tokens_per_s']:>9.0f} {r['active_terms_per_doc']:>10.0f}"
-              + (f"  {r['mfu']:.3f}" if "mfu" in r else ""))
+        print(
+            f"{r['variant']:<9} {t:>14.1f} {m:>13.1f} {ratio(t, st.get('median_step_ms')):>8} "
+            f"{ratio(m, st.get('median_peak_extra_mb')):>7} {ratio(t, naive.get('median_step_ms')):>10} "
+            f"{ratio(m, naive.get('median_peak_extra_mb')):>9} {r['tokens_per_s']:>9.0f} {r['active_terms_per_doc']:>10.0f}"
+            + (f"  {r['mfu']:.3f}" if "mfu" in r else "")
+        )
 
 
 def main() -> None:
@@ -399,24 +432,34 @@ def main() -> None:
             shutil.rmtree(scratch, ignore_errors=True)
 
     config = {
-        "model": args.model, "decoder_bias": args.decoder_bias, "batch": args.batch, "doc_length": args.doc_length, "steps": args.steps,
-        "threads": args.threads, "device": device, "bf16": device == "cuda" or args.bf16,
-        "cpu": machine_name(pick_device()), "torch": torch.__version__,
+        "model": args.model,
+        "decoder_bias": args.decoder_bias,
+        "batch": args.batch,
+        "doc_length": args.doc_length,
+        "steps": args.steps,
+        "threads": args.threads,
+        "device": device,
+        "bf16": device == "cuda" or args.bf16,
+        "cpu": machine_name(pick_device()),
+        "torch": torch.__version__,
     }
     print(json.dumps(config))
     if args.find_max_batch:
         for r in results:
-            print(f"{r['variant']:<6} max batch {r.get('max_batch')} (first OOM at {r.get('first_oom')})  {r.get('error', '')}")
+            print(
+                f"{r['variant']:<6} max batch {r.get('max_batch')} (first OOM at {r.get('first_oom')})  {r.get('error', '')}"
+            )
     else:
         print_table(results)
         busy = {r["variant"]: r["others_cpu_pct"] for r in results if "error" not in r and not undisturbed(r)}
         if busy:
-            print(f"WARNING: other processes took this much of the CPU during the measured steps (%): {busy}; "
-                  "the timings of those variants are not trustworthy, rerun on an idle machine (or with --threads 1, "
-                  "which only needs one free core)")
+            print(
+                f"WARNING: other processes took this much of the CPU during the measured steps (%): {busy}; "
+                "the timings of those variants are not trustworthy, rerun on an idle machine (or with --threads 1, "
+                "which only needs one free core)"
+            )
     if args.output:
         Path(args.output).write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
-
 
 
 if __name__ == "__main__":

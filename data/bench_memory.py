@@ -108,22 +108,34 @@ def main():
     write_collection(d / "collection.tsv", args.passages, rng)
     write_queries(d / "queries.train.tsv", qids, rng)
     pairs = write_hard_negatives_and_scores(
-        d / "msmarco-hard-negatives.jsonl.gz", d / "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz",
-        qids, args.passages, args.systems, args.negs, args.candidates, rng,
+        d / "msmarco-hard-negatives.jsonl.gz",
+        d / "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz",
+        qids,
+        args.passages,
+        args.systems,
+        args.negs,
+        args.candidates,
+        rng,
     )
     sizes = {p.name: round(p.stat().st_size / 2**20) for p in d.iterdir()}
     print(f"files written in {time.time() - t:.0f} s: {sizes} MB; {pairs:,} CE scores")
 
     results = {"config": vars(args) | {"ce_scores": pairs, "file_mb": sizes}}
-    for label, mode in [("max (unpickle + write cache)", "max"), ("max (cache)", "max"), ("distill (cache)", "distill")]:
+    for label, mode in [
+        ("max (unpickle + write cache)", "max"),
+        ("max (cache)", "max"),
+        ("distill (cache)", "distill"),
+    ]:
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         out = subprocess.run([sys.executable, "-c", CHILD, str(d), mode], env=env, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{label} failed:\n{out.stderr[-3000:]}")
         result = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:])
         results[label] = result
-        print(f"{label}: peak RSS {result['peak_rss_mb']:,} MB, {result['seconds']} s, "
-              f"{result['queries']:,} queries, {result['passages']:,} passages")
+        print(
+            f"{label}: peak RSS {result['peak_rss_mb']:,} MB, {result['seconds']} s, "
+            f"{result['queries']:,} queries, {result['passages']:,} passages"
+        )
     print(json.dumps(results, indent=2))
     if tmp:
         tmp.cleanup()

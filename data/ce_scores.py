@@ -66,9 +66,13 @@ def safe_load_pickle_gz(path):
     """Unpickle a gzip pickle with RestrictedUnpickler. Truncation and corruption raise DataError."""
     path = Path(path)
     try:
-        with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as gz, tqdm(
-            total=path.stat().st_size, unit="B", unit_scale=True, desc=f"unpickling {path.name} (restricted)"
-        ) as bar:
+        with (
+            open(path, "rb") as raw,
+            gzip.GzipFile(fileobj=raw) as gz,
+            tqdm(
+                total=path.stat().st_size, unit="B", unit_scale=True, desc=f"unpickling {path.name} (restricted)"
+            ) as bar,
+        ):
             return RestrictedUnpickler(io.BufferedReader(_ProgressRaw(raw, gz, bar), 1 << 20)).load()
     except UnsafePickleError as err:
         raise UnsafePickleError(f"{path}: {err}") from None

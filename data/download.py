@@ -26,6 +26,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from errors import UserError
+
 MSMARCO = "https://msmarco.z22.web.core.windows.net/msmarcoranking/"
 HARD_NEGATIVES = "https://huggingface.co/datasets/sentence-transformers/msmarco-hard-negatives/resolve/main/"
 TREC_DL = "https://trec.nist.gov/data/deep/"
@@ -87,7 +89,7 @@ LINE_COUNTS = {
 CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download that failed; the message says what to do (resume, or fetch the file by other means)."""
 
 
@@ -128,9 +130,10 @@ def download_file(url, dest, expected_size=None, expected_md5=None, timeout=60):
                     f"{url}: the server announces {total:,} bytes, expected {expected_size:,}; "
                     f"the file changed upstream or the download is corrupt ({part} kept)"
                 )
-            with open(part, "ab" if start else "wb") as out, tqdm(
-                total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name
-            ) as bar:
+            with (
+                open(part, "ab" if start else "wb") as out,
+                tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name) as bar,
+            ):
                 try:
                     while chunk := response.read(CHUNK):
                         out.write(chunk)
@@ -173,9 +176,10 @@ def file_md5(path):
 def check_gzip(path, name=None):
     """Decompress to the end: a truncated or corrupt gzip raises here, not halfway through training."""
     name = name or Path(path).name
-    with gzip.open(path, "rb") as f, tqdm(
-        total=Path(path).stat().st_size, unit="B", unit_scale=True, desc=f"checking {name}"
-    ) as bar:
+    with (
+        gzip.open(path, "rb") as f,
+        tqdm(total=Path(path).stat().st_size, unit="B", unit_scale=True, desc=f"checking {name}") as bar,
+    ):
         raw = f.fileobj  # the compressed stream: its position drives the bar
         try:
             while f.read(CHUNK):
@@ -215,9 +219,11 @@ def extract_from_tar(archive, members, data_dir):
                     continue
                 dest = wanted.pop(name)
                 part = dest.with_name(dest.name + ".part")
-                with tar.extractfile(member) as src, open(part, "wb") as out, tqdm(
-                    total=member.size, unit="B", unit_scale=True, desc=f"extracting {name}"
-                ) as bar:
+                with (
+                    tar.extractfile(member) as src,
+                    open(part, "wb") as out,
+                    tqdm(total=member.size, unit="B", unit_scale=True, desc=f"extracting {name}") as bar,
+                ):
                     while chunk := src.read(CHUNK):
                         out.write(chunk)
                         bar.update(len(chunk))

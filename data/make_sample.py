@@ -23,76 +23,253 @@ from pathlib import Path
 
 # topic: (subjects, verbs, adjectives, related nouns)
 TOPICS = {
-    "volcanoes": (["volcano", "crater", "lava", "magma", "geyser", "caldera"], ["erupt", "smoke", "collapse", "rumble"],
-                  ["active", "dormant", "molten", "steep"], ["ash", "rock", "heat", "pressure", "gas"]),
-    "astronomy": (["telescope", "comet", "planet", "nebula", "galaxy", "asteroid"], ["orbit", "shine", "rotate", "drift"],
-                  ["distant", "bright", "icy", "massive"], ["star", "light", "gravity", "moon", "sky"]),
-    "cooking": (["bread", "soup", "pasta", "curry", "omelette", "pancake"], ["bake", "simmer", "boil", "season"],
-                ["spicy", "crispy", "savory", "fresh"], ["flour", "butter", "garlic", "oven", "salt"]),
-    "medicine": (["vaccine", "antibiotic", "fever", "allergy", "migraine", "infection"], ["heal", "spread", "treat", "ache"],
-                 ["chronic", "mild", "severe", "contagious"], ["doctor", "patient", "symptom", "dose", "clinic"]),
-    "gardening": (["tomato", "orchid", "rose", "lettuce", "cactus", "tulip"], ["bloom", "grow", "wilt", "sprout"],
-                  ["green", "leafy", "hardy", "fragrant"], ["soil", "seed", "water", "compost", "sunlight"]),
-    "finance": (["mortgage", "pension", "bond", "stock", "loan", "budget"], ["invest", "borrow", "save", "grow"],
-                ["fixed", "risky", "annual", "taxable"], ["interest", "bank", "market", "income", "debt"]),
-    "music": (["guitar", "violin", "piano", "drum", "trumpet", "choir"], ["play", "tune", "perform", "echo"],
-              ["loud", "classical", "acoustic", "melodic"], ["song", "chord", "rhythm", "concert", "note"]),
-    "football": (["goalkeeper", "striker", "stadium", "referee", "penalty", "league"], ["score", "tackle", "train", "win"],
-                 ["fast", "professional", "famous", "young"], ["ball", "team", "match", "goal", "coach"]),
-    "computing": (["laptop", "processor", "database", "compiler", "router", "keyboard"], ["compute", "crash", "store", "connect"],
-                  ["digital", "wireless", "portable", "secure"], ["software", "memory", "network", "data", "code"]),
-    "birds": (["eagle", "parrot", "penguin", "owl", "sparrow", "flamingo"], ["fly", "nest", "migrate", "sing"],
-              ["wild", "colorful", "nocturnal", "tiny"], ["feather", "wing", "egg", "beak", "forest"]),
-    "oceans": (["coral", "whale", "tide", "shark", "seaweed", "reef"], ["swim", "dive", "drift", "feed"],
-               ["deep", "salty", "tropical", "cold"], ["wave", "current", "fish", "shore", "water"]),
-    "weather": (["hurricane", "tornado", "blizzard", "drought", "monsoon", "fog"], ["form", "strike", "blow", "last"],
-                ["humid", "stormy", "windy", "seasonal"], ["rain", "wind", "cloud", "temperature", "snow"]),
-    "history": (["castle", "empire", "treaty", "revolution", "pharaoh", "monastery"], ["rule", "fall", "build", "sign"],
-                ["ancient", "medieval", "royal", "powerful"], ["king", "army", "war", "century", "city"]),
-    "cars": (["engine", "battery", "tire", "brake", "sedan", "truck"], ["drive", "stop", "charge", "steer"],
-             ["electric", "heavy", "reliable", "quiet"], ["fuel", "road", "speed", "driver", "wheel"]),
-    "law": (["contract", "lawsuit", "verdict", "patent", "warrant", "tenant"], ["sue", "appeal", "rule", "sign"],
-            ["legal", "federal", "binding", "civil"], ["court", "judge", "lawyer", "right", "fine"]),
-    "geology": (["glacier", "canyon", "earthquake", "mineral", "fossil", "cave"], ["erode", "shift", "form", "crack"],
-                ["rocky", "frozen", "layered", "ancient"], ["stone", "river", "ice", "plate", "sand"]),
-    "insects": (["bee", "ant", "butterfly", "mosquito", "beetle", "spider"], ["sting", "crawl", "pollinate", "bite"],
-                ["small", "busy", "poisonous", "winged"], ["hive", "flower", "colony", "leg", "honey"]),
-    "architecture": (["bridge", "tower", "cathedral", "skyscraper", "dome", "museum"], ["stand", "rise", "span", "attract"],
-                     ["tall", "modern", "gothic", "historic"], ["steel", "glass", "arch", "tourist", "design"]),
-    "nutrition": (["protein", "vitamin", "fiber", "sugar", "calcium", "iron"], ["absorb", "digest", "boost", "lower"],
-                  ["healthy", "daily", "essential", "rich"], ["diet", "meal", "body", "energy", "blood"]),
-    "farming": (["wheat", "cattle", "tractor", "rice", "vineyard", "barn"], ["harvest", "plant", "graze", "irrigate"],
-                ["rural", "organic", "fertile", "dry"], ["field", "crop", "farmer", "grain", "rain"]),
-    "painting": (["portrait", "fresco", "watercolor", "canvas", "mural", "sketch"], ["paint", "restore", "display", "fade"],
-                 ["famous", "vivid", "abstract", "early"], ["artist", "color", "brush", "gallery", "light"]),
-    "trains": (["locomotive", "subway", "railway", "tram", "platform", "carriage"], ["travel", "depart", "arrive", "run"],
-               ["crowded", "underground", "express", "steam"], ["station", "track", "ticket", "passenger", "line"]),
-    "dogs": (["poodle", "beagle", "terrier", "sheepdog", "puppy", "retriever"], ["bark", "fetch", "guard", "chase"],
-             ["loyal", "playful", "clever", "gentle"], ["owner", "leash", "tail", "bone", "walk"]),
-    "chemistry": (["acid", "molecule", "crystal", "catalyst", "solvent", "polymer"], ["react", "dissolve", "bond", "melt"],
-                  ["toxic", "stable", "organic", "liquid"], ["atom", "element", "lab", "heat", "salt"]),
+    "volcanoes": (
+        ["volcano", "crater", "lava", "magma", "geyser", "caldera"],
+        ["erupt", "smoke", "collapse", "rumble"],
+        ["active", "dormant", "molten", "steep"],
+        ["ash", "rock", "heat", "pressure", "gas"],
+    ),
+    "astronomy": (
+        ["telescope", "comet", "planet", "nebula", "galaxy", "asteroid"],
+        ["orbit", "shine", "rotate", "drift"],
+        ["distant", "bright", "icy", "massive"],
+        ["star", "light", "gravity", "moon", "sky"],
+    ),
+    "cooking": (
+        ["bread", "soup", "pasta", "curry", "omelette", "pancake"],
+        ["bake", "simmer", "boil", "season"],
+        ["spicy", "crispy", "savory", "fresh"],
+        ["flour", "butter", "garlic", "oven", "salt"],
+    ),
+    "medicine": (
+        ["vaccine", "antibiotic", "fever", "allergy", "migraine", "infection"],
+        ["heal", "spread", "treat", "ache"],
+        ["chronic", "mild", "severe", "contagious"],
+        ["doctor", "patient", "symptom", "dose", "clinic"],
+    ),
+    "gardening": (
+        ["tomato", "orchid", "rose", "lettuce", "cactus", "tulip"],
+        ["bloom", "grow", "wilt", "sprout"],
+        ["green", "leafy", "hardy", "fragrant"],
+        ["soil", "seed", "water", "compost", "sunlight"],
+    ),
+    "finance": (
+        ["mortgage", "pension", "bond", "stock", "loan", "budget"],
+        ["invest", "borrow", "save", "grow"],
+        ["fixed", "risky", "annual", "taxable"],
+        ["interest", "bank", "market", "income", "debt"],
+    ),
+    "music": (
+        ["guitar", "violin", "piano", "drum", "trumpet", "choir"],
+        ["play", "tune", "perform", "echo"],
+        ["loud", "classical", "acoustic", "melodic"],
+        ["song", "chord", "rhythm", "concert", "note"],
+    ),
+    "football": (
+        ["goalkeeper", "striker", "stadium", "referee", "penalty", "league"],
+        ["score", "tackle", "train", "win"],
+        ["fast", "professional", "famous", "young"],
+        ["ball", "team", "match", "goal", "coach"],
+    ),
+    "computing": (
+        ["laptop", "processor", "database", "compiler", "router", "keyboard"],
+        ["compute", "crash", "store", "connect"],
+        ["digital", "wireless", "portable", "secure"],
+        ["software", "memory", "network", "data", "code"],
+    ),
+    "birds": (
+        ["eagle", "parrot", "penguin", "owl", "sparrow", "flamingo"],
+        ["fly", "nest", "migrate", "sing"],
+        ["wild", "colorful", "nocturnal", "tiny"],
+        ["feather", "wing", "egg", "beak", "forest"],
+    ),
+    "oceans": (
+        ["coral", "whale", "tide", "shark", "seaweed", "reef"],
+        ["swim", "dive", "drift", "feed"],
+        ["deep", "salty", "tropical", "cold"],
+        ["wave", "current", "fish", "shore", "water"],
+    ),
+    "weather": (
+        ["hurricane", "tornado", "blizzard", "drought", "monsoon", "fog"],
+        ["form", "strike", "blow", "last"],
+        ["humid", "stormy", "windy", "seasonal"],
+        ["rain", "wind", "cloud", "temperature", "snow"],
+    ),
+    "history": (
+        ["castle", "empire", "treaty", "revolution", "pharaoh", "monastery"],
+        ["rule", "fall", "build", "sign"],
+        ["ancient", "medieval", "royal", "powerful"],
+        ["king", "army", "war", "century", "city"],
+    ),
+    "cars": (
+        ["engine", "battery", "tire", "brake", "sedan", "truck"],
+        ["drive", "stop", "charge", "steer"],
+        ["electric", "heavy", "reliable", "quiet"],
+        ["fuel", "road", "speed", "driver", "wheel"],
+    ),
+    "law": (
+        ["contract", "lawsuit", "verdict", "patent", "warrant", "tenant"],
+        ["sue", "appeal", "rule", "sign"],
+        ["legal", "federal", "binding", "civil"],
+        ["court", "judge", "lawyer", "right", "fine"],
+    ),
+    "geology": (
+        ["glacier", "canyon", "earthquake", "mineral", "fossil", "cave"],
+        ["erode", "shift", "form", "crack"],
+        ["rocky", "frozen", "layered", "ancient"],
+        ["stone", "river", "ice", "plate", "sand"],
+    ),
+    "insects": (
+        ["bee", "ant", "butterfly", "mosquito", "beetle", "spider"],
+        ["sting", "crawl", "pollinate", "bite"],
+        ["small", "busy", "poisonous", "winged"],
+        ["hive", "flower", "colony", "leg", "honey"],
+    ),
+    "architecture": (
+        ["bridge", "tower", "cathedral", "skyscraper", "dome", "museum"],
+        ["stand", "rise", "span", "attract"],
+        ["tall", "modern", "gothic", "historic"],
+        ["steel", "glass", "arch", "tourist", "design"],
+    ),
+    "nutrition": (
+        ["protein", "vitamin", "fiber", "sugar", "calcium", "iron"],
+        ["absorb", "digest", "boost", "lower"],
+        ["healthy", "daily", "essential", "rich"],
+        ["diet", "meal", "body", "energy", "blood"],
+    ),
+    "farming": (
+        ["wheat", "cattle", "tractor", "rice", "vineyard", "barn"],
+        ["harvest", "plant", "graze", "irrigate"],
+        ["rural", "organic", "fertile", "dry"],
+        ["field", "crop", "farmer", "grain", "rain"],
+    ),
+    "painting": (
+        ["portrait", "fresco", "watercolor", "canvas", "mural", "sketch"],
+        ["paint", "restore", "display", "fade"],
+        ["famous", "vivid", "abstract", "early"],
+        ["artist", "color", "brush", "gallery", "light"],
+    ),
+    "trains": (
+        ["locomotive", "subway", "railway", "tram", "platform", "carriage"],
+        ["travel", "depart", "arrive", "run"],
+        ["crowded", "underground", "express", "steam"],
+        ["station", "track", "ticket", "passenger", "line"],
+    ),
+    "dogs": (
+        ["poodle", "beagle", "terrier", "sheepdog", "puppy", "retriever"],
+        ["bark", "fetch", "guard", "chase"],
+        ["loyal", "playful", "clever", "gentle"],
+        ["owner", "leash", "tail", "bone", "walk"],
+    ),
+    "chemistry": (
+        ["acid", "molecule", "crystal", "catalyst", "solvent", "polymer"],
+        ["react", "dissolve", "bond", "melt"],
+        ["toxic", "stable", "organic", "liquid"],
+        ["atom", "element", "lab", "heat", "salt"],
+    ),
 }
 
 PLACES = [
-    "Iceland", "Japan", "Chile", "Kenya", "Norway", "Peru", "Italy", "Canada", "Egypt", "India", "Brazil", "Mexico",
-    "Scotland", "Spain", "Greece", "Vietnam", "Morocco", "Alaska", "Texas", "Sweden", "Ireland", "Nepal", "Australia",
-    "Portugal", "Turkey", "Finland", "Cuba", "Ghana", "Chicago", "London", "Paris", "Tokyo", "Berlin", "Boston",
-    "Vienna", "Dublin", "Lisbon", "Madrid", "Oslo", "Sydney", "Toronto", "Cairo",
+    "Iceland",
+    "Japan",
+    "Chile",
+    "Kenya",
+    "Norway",
+    "Peru",
+    "Italy",
+    "Canada",
+    "Egypt",
+    "India",
+    "Brazil",
+    "Mexico",
+    "Scotland",
+    "Spain",
+    "Greece",
+    "Vietnam",
+    "Morocco",
+    "Alaska",
+    "Texas",
+    "Sweden",
+    "Ireland",
+    "Nepal",
+    "Australia",
+    "Portugal",
+    "Turkey",
+    "Finland",
+    "Cuba",
+    "Ghana",
+    "Chicago",
+    "London",
+    "Paris",
+    "Tokyo",
+    "Berlin",
+    "Boston",
+    "Vienna",
+    "Dublin",
+    "Lisbon",
+    "Madrid",
+    "Oslo",
+    "Sydney",
+    "Toronto",
+    "Cairo",
 ]
 
 # Paraphrases a query may use instead of the passage's word.
 SYNONYMS = {
-    "volcano": "mountain", "lava": "molten rock", "planet": "world", "telescope": "observatory", "bread": "loaf",
-    "soup": "broth", "fever": "high temperature", "infection": "disease", "tomato": "vegetable", "mortgage": "home loan",
-    "pension": "retirement fund", "stock": "share", "loan": "credit", "guitar": "instrument", "stadium": "arena",
-    "laptop": "notebook computer", "database": "data store", "eagle": "bird of prey", "whale": "marine mammal",
-    "shark": "predator fish", "hurricane": "storm", "tornado": "twister", "drought": "dry spell", "castle": "fortress",
-    "empire": "kingdom", "engine": "motor", "truck": "lorry", "lawsuit": "legal case", "verdict": "ruling",
-    "tenant": "renter", "glacier": "ice sheet", "earthquake": "tremor", "cave": "cavern", "bee": "honeybee",
-    "tower": "spire", "skyscraper": "high rise", "vitamin": "nutrient", "cattle": "cows", "portrait": "painting",
-    "subway": "metro", "railway": "railroad", "puppy": "young dog", "acid": "corrosive", "crystal": "mineral",
-    "big": "large", "famous": "well known", "ancient": "very old", "fast": "quick", "tiny": "very small",
-    "tall": "high", "loud": "noisy", "cold": "chilly", "healthy": "nutritious", "toxic": "poisonous",
+    "volcano": "mountain",
+    "lava": "molten rock",
+    "planet": "world",
+    "telescope": "observatory",
+    "bread": "loaf",
+    "soup": "broth",
+    "fever": "high temperature",
+    "infection": "disease",
+    "tomato": "vegetable",
+    "mortgage": "home loan",
+    "pension": "retirement fund",
+    "stock": "share",
+    "loan": "credit",
+    "guitar": "instrument",
+    "stadium": "arena",
+    "laptop": "notebook computer",
+    "database": "data store",
+    "eagle": "bird of prey",
+    "whale": "marine mammal",
+    "shark": "predator fish",
+    "hurricane": "storm",
+    "tornado": "twister",
+    "drought": "dry spell",
+    "castle": "fortress",
+    "empire": "kingdom",
+    "engine": "motor",
+    "truck": "lorry",
+    "lawsuit": "legal case",
+    "verdict": "ruling",
+    "tenant": "renter",
+    "glacier": "ice sheet",
+    "earthquake": "tremor",
+    "cave": "cavern",
+    "bee": "honeybee",
+    "tower": "spire",
+    "skyscraper": "high rise",
+    "vitamin": "nutrient",
+    "cattle": "cows",
+    "portrait": "painting",
+    "subway": "metro",
+    "railway": "railroad",
+    "puppy": "young dog",
+    "acid": "corrosive",
+    "crystal": "mineral",
+    "big": "large",
+    "famous": "well known",
+    "ancient": "very old",
+    "fast": "quick",
+    "tiny": "very small",
+    "tall": "high",
+    "loud": "noisy",
+    "cold": "chilly",
+    "healthy": "nutritious",
+    "toxic": "poisonous",
 }
 
 SENTENCES = [
@@ -129,8 +306,16 @@ def passage_text(rng, topic, subject, place):
     _, verbs, adjs, nouns = TOPICS[topic]
     a, a2 = rng.sample(adjs, 2)
     n, n2 = rng.sample(nouns, 2)
-    words = {"subject": subject, "place": place, "adj": a, "adj2": a2, "noun": n, "noun2": n2,
-             "verb": rng.choice(verbs), "topic": topic}
+    words = {
+        "subject": subject,
+        "place": place,
+        "adj": a,
+        "adj2": a2,
+        "noun": n,
+        "noun2": n2,
+        "verb": rng.choice(verbs),
+        "topic": topic,
+    }
     sentences = rng.sample(SENTENCES, 3) + rng.sample(FILLER, 1)
     return " ".join(s.format(**words) for s in sentences)
 
@@ -139,8 +324,13 @@ def query_text(rng, topic, subject, place):
     _, verbs, adjs, nouns = TOPICS[topic]
     if rng.random() < 0.4:  # paraphrase: the query says it in other words than the passage
         subject = SYNONYMS.get(subject, subject)
-    words = {"subject": subject, "place": place, "verb": rng.choice(verbs), "adj": rng.choice(adjs),
-             "noun": rng.choice(nouns)}
+    words = {
+        "subject": subject,
+        "place": place,
+        "verb": rng.choice(verbs),
+        "adj": rng.choice(adjs),
+        "noun": rng.choice(nouns),
+    }
     if rng.random() < 0.3:
         words["adj"] = SYNONYMS.get(words["adj"], words["adj"])
     return rng.choice(QUERY_TEMPLATES).format(**words)
@@ -190,8 +380,9 @@ def build(seed=13, train_queries=1200, dev_queries=150, extra_queries=60):
         train.append((qid, text))
         positives = [i] + ([duplicates[i]] if i in duplicates and rng.random() < 0.3 else [])
         # Candidates share the subject, the place or the topic; each "system" ranks them with its own noise.
-        candidates = sorted({c for part in ((1, key[1]), (2, key[2]), (0, key[0])) for c in by_key_parts[part]}
-                            - set(positives))
+        candidates = sorted(
+            {c for part in ((1, key[1]), (2, key[2]), (0, key[0])) for c in by_key_parts[part]} - set(positives)
+        )
         q_scores = {pid_of[p]: ce_like_score(rng, key, passages[p][1], duplicate=True) for p in positives}
         neg = {}
         for system_no, system in enumerate(SYSTEMS):
@@ -235,8 +426,10 @@ def write_sample(out):
         gzip.compress(pickle.dumps(scores, protocol=4), 9, mtime=0)
     )
     total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"wrote {out}: {len(collection):,} passages, {len(hard_negatives):,} training queries with hard negatives, "
-          f"{len(dev)} dev queries; {total / 1e6:.2f} MB")
+    print(
+        f"wrote {out}: {len(collection):,} passages, {len(hard_negatives):,} training queries with hard negatives, "
+        f"{len(dev)} dev queries; {total / 1e6:.2f} MB"
+    )
 
 
 if __name__ == "__main__":

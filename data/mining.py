@@ -122,7 +122,12 @@ class TrainingSet:
 
 
 def mine_max_examples(
-    data_dir, num_negs_per_system=5, negs_to_use=None, ce_score_margin=3.0, use_all_queries=False, seed=42,
+    data_dir,
+    num_negs_per_system=5,
+    negs_to_use=None,
+    ce_score_margin=3.0,
+    use_all_queries=False,
+    seed=42,
     download=True,
 ):
     """Splade_max examples: for each query, threshold = min CE(positives) - ce_score_margin; from each
@@ -133,20 +138,31 @@ def mine_max_examples(
     negatives (never its own positives); the report counts them.
     """
     return _mine(
-        data_dir, distill=False, num_negs_per_system=num_negs_per_system, negs_to_use=negs_to_use,
-        ce_score_margin=ce_score_margin, use_all_queries=use_all_queries, max_passages=0, seed=seed,
+        data_dir,
+        distill=False,
+        num_negs_per_system=num_negs_per_system,
+        negs_to_use=negs_to_use,
+        ce_score_margin=ce_score_margin,
+        use_all_queries=use_all_queries,
+        max_passages=0,
+        seed=seed,
         download=download,
     )
 
 
-def mine_distill_examples(
-    data_dir, num_negs_per_system=5, negs_to_use=None, max_passages=0, seed=42, download=True
-):
+def mine_distill_examples(data_dir, num_negs_per_system=5, negs_to_use=None, max_passages=0, seed=42, download=True):
     """DistilSplade examples: no CE filter; label = CE(pos) - CE(neg); max_passages caps the number of
     training queries (the first ones kept, in file order; 0 = no cap)."""
     return _mine(
-        data_dir, distill=True, num_negs_per_system=num_negs_per_system, negs_to_use=negs_to_use,
-        ce_score_margin=None, use_all_queries=False, max_passages=max_passages, seed=seed, download=download,
+        data_dir,
+        distill=True,
+        num_negs_per_system=num_negs_per_system,
+        negs_to_use=negs_to_use,
+        ce_score_margin=None,
+        use_all_queries=False,
+        max_passages=max_passages,
+        seed=seed,
+        download=download,
     )
 
 
@@ -159,8 +175,18 @@ def _systems_list(negs_to_use):
     return [s.strip() for s in negs_to_use if s.strip()] or None
 
 
-def _mine(data_dir, *, distill, num_negs_per_system, negs_to_use, ce_score_margin, use_all_queries, max_passages,
-          seed, download):
+def _mine(
+    data_dir,
+    *,
+    distill,
+    num_negs_per_system,
+    negs_to_use,
+    ce_score_margin,
+    use_all_queries,
+    max_passages,
+    seed,
+    download,
+):
     start = time.time()
     if num_negs_per_system < 1:
         raise ValueError(f"num_negs_per_system must be >= 1, got {num_negs_per_system}")
@@ -471,11 +497,16 @@ def main(argv=None):
     parser.add_argument("--report", help="write the report as JSON to this path")
     parser.add_argument("--no_download", action="store_true", help="fail on a missing file instead")
     args = parser.parse_args(argv)
-    common = dict(num_negs_per_system=args.num_negs_per_system, negs_to_use=args.negs_to_use, seed=args.seed,
-                  download=not args.no_download)
+    common = dict(
+        num_negs_per_system=args.num_negs_per_system,
+        negs_to_use=args.negs_to_use,
+        seed=args.seed,
+        download=not args.no_download,
+    )
     if args.script == "max":
-        ts = mine_max_examples(args.data_dir, ce_score_margin=args.ce_score_margin,
-                               use_all_queries=args.use_all_queries, **common)
+        ts = mine_max_examples(
+            args.data_dir, ce_score_margin=args.ce_score_margin, use_all_queries=args.use_all_queries, **common
+        )
     else:
         ts = mine_distill_examples(args.data_dir, max_passages=args.max_passages, **common)
     if args.report:

@@ -7,11 +7,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from errors import UserError
+
 PROGRESS_EVERY = 10_000  # lines between progress-bar updates: tqdm per line would cost seconds on 8.8M lines
 MAX_ID = 2**31 - 1  # MS MARCO ids are < 9M; ids are kept in int32 arrays
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is malformed. The message says which file, which line and what is wrong."""
 
 
@@ -21,9 +23,10 @@ def iter_id_text(path, desc=None):
     Bytes, not str: the collection is 3 GB and we keep only the passages we need, decoded when used.
     """
     path = Path(path)
-    with open(path, "rb") as f, tqdm(
-        total=path.stat().st_size, unit="B", unit_scale=True, desc=desc or f"reading {path.name}"
-    ) as bar:
+    with (
+        open(path, "rb") as f,
+        tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc or f"reading {path.name}") as bar,
+    ):
         done = 0
         for lineno, line in enumerate(f, 1):
             key, tab, text = line.partition(b"\t")
@@ -68,9 +71,11 @@ def iter_hard_negatives(path):
     path = Path(path)
     lineno = 0
     try:
-        with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as f, tqdm(
-            total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}"
-        ) as bar:
+        with (
+            open(path, "rb") as raw,
+            gzip.GzipFile(fileobj=raw) as f,
+            tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}") as bar,
+        ):
             for lineno, line in enumerate(f, 1):
                 if lineno % 1000 == 0:
                     bar.update(raw.tell() - bar.n)  # compressed bytes consumed

@@ -66,8 +66,12 @@ class EpochRotationBatchSampler(DefaultBatchSampler):
 
     def __init__(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
         super().__init__(
-            dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=valid_label_columns,
-            generator=generator, seed=seed,
+            dataset,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            valid_label_columns=valid_label_columns,
+            generator=generator,
+            seed=seed,
         )
         self.queries_per_epoch = getattr(dataset, "rotation_queries_per_epoch", None)
         if self.queries_per_epoch is None:

@@ -48,8 +48,9 @@ def beir_subset(source, target, num_queries, first_docs):
     judged = list(dict.fromkeys(q for q, _, rel in qrels if int(rel) > 0))[:num_queries]
     qrels = [row for row in qrels if row[0] in judged]
     keep = {d for _, d, _ in qrels} | {doc["_id"] for doc in corpus[:first_docs]}
-    return write_beir(target, [d for d in corpus if d["_id"] in keep], [q for q in queries if q["_id"] in judged],
-                      qrels)
+    return write_beir(
+        target, [d for d in corpus if d["_id"] in keep], [q for q in queries if q["_id"] in judged], qrels
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,15 @@ def evaluation(splade_tiny_path, subsets, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     cache = tmp_path_factory.mktemp("cache")
     results = evaluate.evaluate_model(
-        splade_tiny_path, [str(subsets["cranfield"]), str(subsets["cisi"])], out, cache_dir=cache,
-        max_seq_length=MAX_SEQ_LENGTH, batch_size=32, keep_self_hits=True, show_progress=False)
+        splade_tiny_path,
+        [str(subsets["cranfield"]), str(subsets["cisi"])],
+        out,
+        cache_dir=cache,
+        max_seq_length=MAX_SEQ_LENGTH,
+        batch_size=32,
+        keep_self_hits=True,
+        show_progress=False,
+    )
     return results, out, cache
 
 
@@ -84,8 +92,15 @@ def reference_metrics(model_path, directory):
     evaluator = SparseInformationRetrievalEvaluator(
         queries={q["_id"]: q["text"] for q in queries},
         corpus={d["_id"]: f"{d.get('title') or ''} {d['text']}".strip() for d in corpus},
-        relevant_docs=relevant, mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[10],
-        precision_recall_at_k=[10], map_at_k=[10], batch_size=32, write_csv=False)
+        relevant_docs=relevant,
+        mrr_at_k=[10],
+        ndcg_at_k=[10],
+        accuracy_at_k=[10],
+        precision_recall_at_k=[10],
+        map_at_k=[10],
+        batch_size=32,
+        write_csv=False,
+    )
     return evaluator(model), relevant
 
 
@@ -122,7 +137,8 @@ def test_metrics_json_and_run_files_agree_with_pytrec_eval(evaluation, subsets):
     assert json.loads((out / "metrics.json").read_text()) == results
     assert set(results) == {"beir-cranfield", "beir-cisi", "beir-mean"}
     assert results["beir-mean"]["ndcg@10"] == pytest.approx(
-        (results["beir-cranfield"]["ndcg@10"] + results["beir-cisi"]["ndcg@10"]) / 2)
+        (results["beir-cranfield"]["ndcg@10"] + results["beir-cisi"]["ndcg@10"]) / 2
+    )
     for name in ("cranfield", "cisi"):
         _, _, qrels_rows = read_beir(subsets[name])
         qrels = {}
@@ -132,18 +148,25 @@ def test_metrics_json_and_run_files_agree_with_pytrec_eval(evaluation, subsets):
         assert max(len(hits) for hits in run.values()) == min(1000, results[f"beir-{name}"]["num_docs"])
         full = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut_10", "recall_1000"}).evaluate(run)
         top10 = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(
-            {q: dict(list(hits.items())[:10]) for q, hits in run.items()})
+            {q: dict(list(hits.items())[:10]) for q, hits in run.items()}
+        )
         ours = results[f"beir-{name}"]
         assert ours["ndcg@10"] == pytest.approx(np.mean([v["ndcg_cut_10"] for v in full.values()]), abs=1e-9)
         assert ours["recall@1000"] == pytest.approx(np.mean([v["recall_1000"] for v in full.values()]), abs=1e-9)
         assert ours["mrr@10"] == pytest.approx(np.mean([v["recip_rank"] for v in top10.values()]), abs=1e-9)
 
 
-def test_cache_reuses_vectors_and_self_hit_rule_drops_only_self_ids(evaluation, subsets, splade_tiny_path,
-                                                                    tmp_path):
+def test_cache_reuses_vectors_and_self_hit_rule_drops_only_self_ids(evaluation, subsets, splade_tiny_path, tmp_path):
     results, out, cache = evaluation
-    again = evaluate.evaluate_model(splade_tiny_path, [str(subsets["cranfield"])], tmp_path, cache_dir=cache,
-                                    max_seq_length=MAX_SEQ_LENGTH, batch_size=32, show_progress=False)
+    again = evaluate.evaluate_model(
+        splade_tiny_path,
+        [str(subsets["cranfield"])],
+        tmp_path,
+        cache_dir=cache,
+        max_seq_length=MAX_SEQ_LENGTH,
+        batch_size=32,
+        show_progress=False,
+    )
     assert again["beir-cranfield"]["doc_vectors_cached"] is True
     assert not results["beir-cranfield"]["doc_vectors_cached"]
     # Cranfield's numeric query ids collide with document ids, so BEIR's rule bites here.
@@ -158,8 +181,9 @@ def test_cache_reuses_vectors_and_self_hit_rule_drops_only_self_ids(evaluation, 
 def test_encode_equals_sparse_encoder_in_input_order(splade_tiny_path):
     texts = [doc["text"] for doc in read_beir(BEIR / "cisi")[0][:7]] + ["what is information retrieval", "a"]
     model = evaluate.load_model(splade_tiny_path, max_seq_length=MAX_SEQ_LENGTH)
-    ours = evaluate.encode(model, texts, batch_size=3, device=torch.device("cpu"), precision="fp32",
-                           show_progress=False)
+    ours = evaluate.encode(
+        model, texts, batch_size=3, device=torch.device("cpu"), precision="fp32", show_progress=False
+    )
     reference = SparseEncoder(splade_tiny_path, device="cpu")
     reference.max_seq_length = MAX_SEQ_LENGTH
     expected = reference.encode(texts, convert_to_tensor=True, convert_to_sparse_tensor=False).numpy()
@@ -183,9 +207,24 @@ def test_msmarco_layout_through_the_command_line(splade_tiny_path, tmp_path, cap
     # Cranfield grades 1-4 stand in for TREC's 0-3; recall counts grade >= 2 only.
     (data / "2019qrels-pass.txt").write_text("".join(f"{q} Q0 {d} {r}\n" for q, d, r in qrels if q in judged))
     out = tmp_path / "out"
-    code = evaluate.main([splade_tiny_path, "--msmarco", "--trec-dl", "2019", "--data_dir", str(data),
-                          "--output", str(out), "--cache_dir", str(tmp_path / "cache"), "--max_seq_length", "64",
-                          "--batch_size", "16"])
+    code = evaluate.main(
+        [
+            splade_tiny_path,
+            "--msmarco",
+            "--trec-dl",
+            "2019",
+            "--data_dir",
+            str(data),
+            "--output",
+            str(out),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--max_seq_length",
+            "64",
+            "--batch_size",
+            "16",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| MS MARCO dev MRR@10 | R@1k | TREC DL19 nDCG@10 |" in printed
@@ -203,8 +242,12 @@ def test_msmarco_layout_through_the_command_line(splade_tiny_path, tmp_path, cap
 
 
 def test_beir_zip_download_and_local_zip(tmp_path):
-    source = write_beir(tmp_path / "src" / "toy", [{"_id": "d1", "title": "t", "text": "x"}],
-                        [{"_id": "q1", "text": "y"}], [["q1", "d1", "1"]])
+    source = write_beir(
+        tmp_path / "src" / "toy",
+        [{"_id": "d1", "title": "t", "text": "x"}],
+        [{"_id": "q1", "text": "y"}],
+        [["q1", "d1", "1"]],
+    )
     archive = tmp_path / "toy.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for path in source.rglob("*"):
@@ -248,12 +291,27 @@ def test_bad_input_gives_clear_errors(tmp_path, splade_tiny_path, capsys):
     # A checkpoint without a masked-LM head (a bare BertModel): refused by name, through the CLI.
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=200, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, architectures=["BertModel"])
+    config = BertConfig(
+        vocab_size=200,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        architectures=["BertModel"],
+    )
     BertModel(config).save_pretrained(tmp_path / "no_head")
     good_dir = write_beir(tmp_path / "ok", **good)
-    code = evaluate.main([str(tmp_path / "no_head"), "--beir", str(good_dir), "--cache_dir", str(tmp_path / "c"),
-                          "--output", str(tmp_path / "o")])
+    code = evaluate.main(
+        [
+            str(tmp_path / "no_head"),
+            "--beir",
+            str(good_dir),
+            "--cache_dir",
+            str(tmp_path / "c"),
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     message = capsys.readouterr().err
     assert "no_head" in message and "masked-LM" in message and "Traceback" not in message

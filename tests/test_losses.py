@@ -65,7 +65,9 @@ def test_margin_mse_by_hand():
     mse = np.mean([(q[i] @ p[i] - q[i] @ n[i] - labels[i].item()) ** 2 for i in range(len(q))])
     assert terms["mse_loss"].item() == pytest.approx(mse, rel=1e-5)
     # the two document terms summed, as the original did (not FLOPS of their concatenation)
-    assert terms["flops_d_loss"].item() == pytest.approx(0.08 * (hand_flops(positives) + hand_flops(negatives)), rel=1e-5)
+    assert terms["flops_d_loss"].item() == pytest.approx(
+        0.08 * (hand_flops(positives) + hand_flops(negatives)), rel=1e-5
+    )
     assert terms["flops_q_loss"].item() == pytest.approx(0.1 * hand_flops(queries), rel=1e-5)
 
 
@@ -93,7 +95,11 @@ def test_negative_lambda_refused():
 # compare two cross-entropies of 1e-7).
 TEXTS = {
     "query": ["what is the capital of france", "boundary layer transition", "heat transfer in hypersonic flow"],
-    "positive": ["the city where the french government sits", "turbulence onset near a wall", "the history of aviation"],
+    "positive": [
+        "the city where the french government sits",
+        "turbulence onset near a wall",
+        "the history of aviation",
+    ],
     "negative": ["france capital paris", "transition of the laminar boundary layer", "hypersonic heat transfer"],
 }
 
@@ -117,7 +123,10 @@ def gradients(model, loss, labels=None):
 def test_mnrl_equals_sentence_transformers_splade_loss(model):
     ours = MultipleNegativesRankingLossSplade(model, lambda_q=0.0008, lambda_d=0.0006)
     theirs = SpladeLoss(
-        model, SparseMultipleNegativesRankingLoss(model, scale=1.0), document_regularizer_weight=0.0006, query_regularizer_weight=0.0008
+        model,
+        SparseMultipleNegativesRankingLoss(model, scale=1.0),
+        document_regularizer_weight=0.0006,
+        query_regularizer_weight=0.0008,
     )
     our_terms, our_grads = gradients(model, ours)
     their_terms, their_grads = gradients(model, theirs)
@@ -132,7 +141,9 @@ def test_mnrl_equals_sentence_transformers_splade_loss(model):
 def test_margin_mse_term_equals_sentence_transformers(model):
     labels = torch.tensor([3.0, -1.0, 0.5])
     ours = MarginMSELossSplade(model, lambda_q=0.0, lambda_d=0.0)
-    theirs = SpladeLoss(model, SparseMarginMSELoss(model), document_regularizer_weight=0.0, query_regularizer_weight=0.0)
+    theirs = SpladeLoss(
+        model, SparseMarginMSELoss(model), document_regularizer_weight=0.0, query_regularizer_weight=0.0
+    )
     with torch.no_grad():
         our_terms = ours(features(model), labels)
         their_terms = theirs(features(model), labels)

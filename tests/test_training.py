@@ -17,8 +17,25 @@ from losses import MarginMSELossSplade
 from splade_module import load_splade
 
 # Small enough for a CPU test, large enough that the random sample model leaves chance level in 30 steps.
-QUICK = ["--sample", "--train_batch_size", "16", "--max_seq_length", "32", "--logging_steps", "1", "--lr", "1e-3",
-         "--warmup_steps", "5", "--max_steps", "30", "--save_steps", "15", "--lambda_warmup_steps", "0"]
+QUICK = [
+    "--sample",
+    "--train_batch_size",
+    "16",
+    "--max_seq_length",
+    "32",
+    "--logging_steps",
+    "1",
+    "--lr",
+    "1e-3",
+    "--warmup_steps",
+    "5",
+    "--max_steps",
+    "30",
+    "--save_steps",
+    "15",
+    "--lambda_warmup_steps",
+    "0",
+]
 MRR = re.compile(r"sample dev MRR@10: ([0-9.]+) before training, ([0-9.]+) after")
 
 
@@ -51,7 +68,10 @@ def test_train_max_changes_the_weights_lowers_the_loss_and_improves_dev_mrr(max_
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
     for key in ("flops_q_loss", "flops_d_loss", "lambda_q", "lambda_d", "active_dims_q", "active_dims_d"):
         assert len(logged(output_dir, key)) == 30, key
-    halfway, final = load_file(output_dir / "checkpoint-15" / "model.safetensors"), load_file(output_dir / "model.safetensors")
+    halfway, final = (
+        load_file(output_dir / "checkpoint-15" / "model.safetensors"),
+        load_file(output_dir / "model.safetensors"),
+    )
     assert all(not torch.equal(halfway[name], final[name]) for name in final)
     for name in ("hyperparameters.json", "mining_report.json", "training_curves.png", "README.md", "train_max.py"):
         assert (output_dir / name).is_file(), name
@@ -112,15 +132,28 @@ def test_errors_a_user_can_act_on(tmp_path, flags, message):
     if "--precision" in flags and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     command = [sys.executable, str(ROOT / "train_max.py"), "--sample", "--output_dir", str(tmp_path), *flags]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode != 0
     assert message in done.stderr
     assert "Traceback" not in done.stderr
 
 
 def test_missing_data_names_the_file_and_the_download_command(tmp_path):
-    command = [sys.executable, str(ROOT / "train_distill.py"), "--data_dir", str(tmp_path), "--output_dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(ROOT / "train_distill.py"),
+        "--data_dir",
+        str(tmp_path),
+        "--output_dir",
+        str(tmp_path),
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert f"put the file at {tmp_path / 'collection.tar.gz'}" in done.stderr  # offline: what to do instead

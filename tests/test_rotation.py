@@ -1,0 +1,185 @@
+"""data.rotation: per-epoch rotation of positives and negatives through sentence-transformers' trainer.
+
+Every test builds its files in tmp_path in the real formats (or copies data/sample there): offline.
+"""
+
+import json
+import os
+
+import pytest
+
+from conftest import passages_for, positives_of, write_files
+from data.mining import mine_max_examples
+from data.rotation import EpochRotationBatchSampler, make_train_dataset
+
+
+@pytest.fixture
+def rotation_set(tmp_path):
+    n = 10
+    lines = [
+        {"qid": q, "pos": [1000 + q, 2000 + q], "neg": {"s": [3000 + 10 * q + k for k in range(4)]}} for q in range(n)
+    ]
+    scores = {
+        q: {**{1000 + q: 5.0, 2000 + q: 6.0}, **{3000 + 10 * q + k: float(-k) for k in range(4)}} for q in range(n)
+    }
+    pids = [p for line in lines for p in line["pos"] + line["neg"]["s"]]
+    write_files(tmp_path, passages_for(pids), {q: f"query {q}" for q in range(n)}, lines, scores)
+    return mine_max_examples(tmp_path, num_negs_per_system=4, seed=3, download=False)
+
+
+def run_sampler(dataset, epoch, batch_size=3, drop_last=False, seed=11):
+    sampler = EpochRotationBatchSampler(dataset, batch_size=batch_size, drop_last=drop_last, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_rotation_visits_every_query_once_and_changes_negatives(rotation_set):
+    ts, n = rotation_set, len(rotation_set)
+    ds = make_train_dataset(ts, epochs=4)
+    seen = {}
+    for epoch in range(4):
+        batches = run_sampler(ds, epoch)
+        assert len(batches) == 4 and [len(b) for b in batches] == [3, 3, 3, 1]
+        rows = [r for b in batches for r in b]
+        assert sorted(rows) == list(range(epoch * n, (epoch + 1) * n))  # every query once
+        examples = {ds[r]["query"]: (ds[r]["positive"], ds[r]["negative"]) for r in rows}
+        for i in range(n):
+            query, pos, neg, _ = ts.example(i, epoch)
+            assert examples[query] == (pos, neg)
+            assert pos == f"passage number {positives_of(ts, i)[epoch % 2]}"  # positives in file order
+        seen[epoch] = examples
+    for query in seen[0]:  # four epochs, four different negatives: the whole shuffled list once
+        assert len({seen[e][query][1] for e in range(4)}) == 4
+        assert seen[1][query][0] != seen[0][query][0] and seen[2][query][0] == seen[0][query][0]
+
+    def order(epoch):
+        return [r % n for b in run_sampler(ds, epoch) for r in b]
+
+    assert order(0) != order(1)  # a new query order every epoch
+    assert run_sampler(ds, 1) == run_sampler(ds, 1)  # ... that is a pure function of (seed, epoch)
+    assert len(EpochRotationBatchSampler(ds, batch_size=3, drop_last=True)) == 3
+    assert [len(b) for b in run_sampler(ds, 0, drop_last=True)] == [3, 3, 3]
+    with pytest.raises(ValueError, match="made for 4 epochs"):
+        run_sampler(ds, 4)
+
+
+def test_negative_order_is_shuffled_once_from_the_seed(rotation_set, tmp_path):
+    ts = rotation_set
+    order = [[int(ts.passages.ids[k]) for k in ts.neg_idx[ts.neg_ptr[i] : ts.neg_ptr[i + 1]]] for i in range(len(ts))]
+    assert any(o != sorted(o) for o in order)  # not file order
+    again = mine_max_examples(ts.report["data_dir"], num_negs_per_system=4, seed=3, download=False)
+    assert [
+        [int(again.passages.ids[k]) for k in again.neg_idx[again.neg_ptr[i] : again.neg_ptr[i + 1]]]
+        for i in range(len(ts))
+    ] == order
+    other = mine_max_examples(ts.report["data_dir"], num_negs_per_system=4, seed=4, download=False)
+    assert [
+        [int(other.passages.ids[k]) for k in other.neg_idx[other.neg_ptr[i] : other.neg_ptr[i + 1]]]
+        for i in range(len(ts))
+    ] != order
+
+
+class RecordingCollator:
+    """Wraps the trainer's collator and appends every batch's texts to a file (works from worker processes)."""
+
+    def __init__(self, inner, path):
+        self.inner, self.path = inner, path
+
+    def __getattr__(self, name):
+        if name == "inner":  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, features):
+        with open(self.path, "a") as f:
+            f.write(
+                json.dumps({"pid": os.getpid(), "rows": [[x["query"], x["positive"], x["negative"]] for x in features]})
+                + "\n"
+            )
+        return self.inner(features)
+
+
+def test_sentence_transformers_trainer_sees_the_rotation(rotation_set, splade_tiny_path, tmp_path):
+    """A real SparseEncoderTrainer, 2 epochs, 2 data-loader workers: the collator gets epoch e's texts."""
+    from sentence_transformers import SparseEncoder, SparseEncoderTrainer, SparseEncoderTrainingArguments
+    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
+
+    ts = rotation_set
+    model = SparseEncoder(splade_tiny_path)
+    model.max_seq_length = 16
+    loss = SpladeLoss(
+        model, SparseMultipleNegativesRankingLoss(model), query_regularizer_weight=0, document_regularizer_weight=0
+    )
+    args = SparseEncoderTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        num_train_epochs=2,
+        per_device_train_batch_size=5,
+        batch_sampler=EpochRotationBatchSampler,
+        dataloader_num_workers=2,
+        report_to="none",
+        save_strategy="no",
+        seed=7,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = SparseEncoderTrainer(model=model, args=args, train_dataset=make_train_dataset(ts, epochs=2), loss=loss)
+    record = tmp_path / "batches.jsonl"
+    trainer.data_collator = RecordingCollator(trainer.data_collator, record)
+    trainer.train()
+
+    batches = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(batches) == 4 and len({b["pid"] for b in batches}) > 1  # two batches per epoch, from workers
+    for epoch in range(2):
+        got = sorted(tuple(row) for b in batches[2 * epoch : 2 * epoch + 2] for row in b["rows"])
+        assert got == sorted(ts.example(i, epoch)[:3] for i in range(len(ts)))
+    first = {row[0]: row[2] for b in batches[:2] for row in b["rows"]}
+    second = {row[0]: row[2] for b in batches[2:] for row in b["rows"]}
+    assert all(first[q] != second[q] for q in first)  # epoch 2 brings each query a new negative
+
+
+def test_epoch_reaches_the_sampler_through_accelerate_wrappers(rotation_set):
+    """Multi-GPU resume: accelerate wraps the sampler in BatchSamplerShard, then SkipBatchSampler."""
+    from accelerate.data_loader import BatchSamplerShard, DataLoaderShard, skip_first_batches
+
+    ds = make_train_dataset(rotation_set, epochs=4)
+    sampler = EpochRotationBatchSampler(ds, batch_size=2, drop_last=True, seed=5)
+    loader = DataLoaderShard(ds, batch_sampler=BatchSamplerShard(sampler, num_processes=2, process_index=1))
+    resumed = skip_first_batches(loader, 1)
+    resumed.set_epoch(3)
+    assert sampler.epoch == 3
+    rows = [r for batch in resumed.batch_sampler for r in batch]
+    assert all(30 <= r < 40 for r in rows)  # epoch 3's rows, this rank's share after the skipped batch
+
+
+def test_resuming_mid_epoch_replays_the_same_examples(rotation_set, splade_tiny_path, tmp_path):
+    from sentence_transformers import SparseEncoder, SparseEncoderTrainer, SparseEncoderTrainingArguments
+    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
+
+    def run(record, resume=None):
+        model = SparseEncoder(splade_tiny_path)
+        model.max_seq_length = 16
+        loss = SpladeLoss(
+            model, SparseMultipleNegativesRankingLoss(model), query_regularizer_weight=0, document_regularizer_weight=0
+        )
+        args = SparseEncoderTrainingArguments(
+            output_dir=str(tmp_path / "out"),
+            num_train_epochs=2,
+            per_device_train_batch_size=5,
+            batch_sampler=EpochRotationBatchSampler,
+            report_to="none",
+            save_strategy="steps",
+            save_steps=3,
+            seed=7,
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = SparseEncoderTrainer(
+            model=model, args=args, train_dataset=make_train_dataset(rotation_set, 2), loss=loss
+        )
+        trainer.data_collator = RecordingCollator(trainer.data_collator, record)
+        trainer.train(resume_from_checkpoint=resume)
+        return [json.loads(line)["rows"] for line in record.read_text().splitlines()]
+
+    full = run(tmp_path / "full.jsonl")
+    resumed = run(tmp_path / "resumed.jsonl", resume=str(tmp_path / "out" / "checkpoint-3"))
+    assert len(full) == 4 and resumed == full[3:]  # step 4 = epoch 2's second batch, same texts
