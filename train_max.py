@@ -1,25 +1,30 @@
 """Train Splade_max: in-batch MultipleNegativesRanking on dot products + FLOPS regularisation.
 
-NAVER's "Training SPLADE on MSMARCO v1" recipe (train_max.py), on sentence-transformers' trainer.
-Training data: MS MARCO queries with their positives and the sentence-transformers hard negatives,
-dropping negatives the cross-encoder scores too close to the positives (likely false negatives).
+NAVER's "Training SPLADE on MSMARCO v1" recipe (train_max.py), on today's sentence-transformers trainer.
+Training data: MS MARCO queries with their positives and the sentence-transformers hard negatives, dropping the
+negatives that the cross-encoder scores too close to the positives (likely false negatives).
 
-    python train_max.py --sample                             # offline, minutes on a CPU
-    python train_max.py                                      # the results-table row, on a GPU
-    torchrun --nproc_per_node 4 train_max.py                 # several GPUs (in-batch negatives gathered)
+    python train_max.py --sample                        # offline, minutes on a CPU
+    python train_max.py                                 # the results table's row, on a GPU
+    torchrun --nproc_per_node 4 train_max.py            # several GPUs (in-batch negatives gathered across them)
 """
+
+import torch
+from sentence_transformers.sparse_encoder import SparseEncoderTrainingArguments
 
 import training
 from data.mining import mine_max_examples
-from data.rotation import make_train_dataset
+from data.rotation import EpochRotationBatchSampler, make_train_dataset
+from dev_eval import DevRetrievalEvaluator, dev_subset
+from errors import main_exits_2_on_user_error
 from losses import MultipleNegativesRankingLossSplade
 
-# Hyperparameters (SPEC.md defaults). Each is also a flag: --lambda_q 0.0008 ...
+# Hyperparameters: the original's defaults. Each is also a flag: --lambda_q 0.0008 --lambda_d 0.0006 ...
 hyperparameters = dict(
     train_batch_size=64,
     max_seq_length=300,
     model_name="distilbert-base-uncased",
-    lambda_q=0.0008,  # the results table's values; the original argparse had lambda_q and lambda_d swapped
+    lambda_q=0.0008,  # the results table's values; the original's argparse had lambda_q and lambda_d swapped
     lambda_d=0.0006,
     lambda_warmup_steps=0,  # 0: constant lambda, as the original
     epochs=30,
@@ -29,35 +34,92 @@ hyperparameters = dict(
     negs_to_use="",  # comma list of systems; empty: every system in the file
     use_all_queries=False,
     ce_score_margin=3.0,
+    save_steps=0,  # 0: a checkpoint at the end of every epoch, all kept, as the original
 )
-args = training.parse_args(__doc__, hyperparameters)
 
-# Data: queries, positives and cross-encoder-filtered hard negatives, rotated every epoch
-training_set = mine_max_examples(
-    args.data_dir,
-    num_negs_per_system=args.num_negs_per_system,
-    negs_to_use=args.negs_to_use or None,
-    ce_score_margin=args.ce_score_margin,
-    use_all_queries=args.use_all_queries,
-    seed=args.seed,
-)
-train_dataset = make_train_dataset(training_set, epochs=args.epochs, with_labels=False)
 
-# Model: a masked-LM with SPLADE max pooling
-model = training.build_model(args, training_set.texts())
+def main():
+    args = training.parse_args(__doc__, hyperparameters, sample=training.SAMPLE_MAX)
+    name = f"Splade_max_{args.lambda_q}_{args.lambda_d}_cemargin{args.ce_score_margin}_{{model}}"
+    output_dir = training.start_run(args, f"{name}-batch_size_{args.train_batch_size}", __file__)
 
-# Loss: cross-entropy over the batch's positives and hard negatives + lambda * FLOPS
-loss = MultipleNegativesRankingLossSplade(model, args.lambda_q, args.lambda_d, args.lambda_warmup_steps)
+    # 1. Data: each query's positives and its CE-filtered hard negatives (the mining report is printed and saved).
+    training_set = mine_max_examples(
+        args.data_dir,
+        num_negs_per_system=args.num_negs_per_system,
+        negs_to_use=args.negs_to_use or None,
+        ce_score_margin=args.ce_score_margin,
+        use_all_queries=args.use_all_queries,
+        seed=args.seed,
+    )
+    # Epoch e takes each query's next positive and next negative: the dataset holds epochs x queries rows, and
+    # EpochRotationBatchSampler (step 5) visits epoch e's rows in a seeded order. Stateless: safe with workers,
+    # several GPUs and resuming.
+    train_dataset = make_train_dataset(training_set, epochs=args.epochs, with_labels=False)
 
-# Train
-output_dir = training.run_dir(
-    args,
-    f"Splade_max_{args.lambda_q}_{args.lambda_d}_cemargin{args.ce_score_margin}_{{model}}-batch_size_{args.train_batch_size}",
-)
-trainer = training.make_trainer(model, loss, train_dataset, args, output_dir)
-mrr_before = training.sample_dev_mrr(model) if args.sample else None
-trainer.train(resume_from_checkpoint=training.resume_checkpoint(args, output_dir))
+    # 2. Model: a masked-LM with SPLADE max pooling, w[v] = max_t log(1 + relu(logits[t, v]))
+    model = training.build_model(args, training_set, "train_max")
 
-# Save and evaluate
-metrics = training.evaluate_after_training(model, trainer, args, output_dir, mrr_before)
-training.save_run(model, trainer, args, output_dir, __file__, training_set, metrics)
+    # 3. Loss: cross-entropy over the batch's positives and hard negatives (dot products, scale 1) + lambda * FLOPS
+    loss = MultipleNegativesRankingLossSplade(model, args.lambda_q, args.lambda_d, args.lambda_warmup_steps)
+
+    # 4. Evaluator: exact retrieval over a fixed dev subset, logged as eval_mrr@10 and eval_recall@1000
+    evaluator = None
+    if args.eval_steps != 0:
+        evaluator = DevRetrievalEvaluator(
+            dev_subset(args.data_dir, args.eval_queries, args.eval_corpus_size, args.seed)
+        )
+
+    # 5. Training arguments: what sentence-transformers 2.1's fit() did for the original
+    training_args = SparseEncoderTrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.train_batch_size,
+        batch_sampler=EpochRotationBatchSampler,
+        dataloader_drop_last=False,  # train_max kept the last, smaller batch
+        dataloader_num_workers=args.dataloader_num_workers,
+        seed=args.seed,
+        # AdamW (decoupled weight decay 0.01; the trainer below exempts names containing "bias" or "LayerNorm.*")
+        optim="adamw_torch",
+        learning_rate=args.lr,
+        adam_epsilon=1e-6,  # transformers.AdamW's default, which fit() used
+        weight_decay=0.01,
+        lr_scheduler_type="linear",  # linear warm-up, then linear decay to 0
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=1.0,
+        **training.precision(args.precision),  # the original: fp16 autocast with loss scaling
+        use_cpu=not torch.cuda.is_available(),  # also makes torchrun on CPUs real DDP (gloo)
+        save_strategy="epoch" if args.save_steps == 0 else "steps",
+        save_steps=args.save_steps or None,
+        save_total_limit=args.save_total_limit,
+        eval_strategy="no" if evaluator is None else "epoch" if args.eval_steps is None else "steps",
+        eval_steps=args.eval_steps,
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        report_to=["tensorboard"],
+    )
+
+    # 6. Trainer: sentence-transformers' own, plus the lambda warm-up, the extra logs and the guards
+    trainer = training.SpladeTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        loss=loss,
+        evaluator=evaluator,
+        no_decay=["bias", "LayerNorm.bias", "LayerNorm.weight"],  # substrings, as fit() matched them
+        collapse_patience=args.collapse_patience,
+        callbacks=[training.KeepOptimizerStateOfNewestCheckpoint()],
+    )
+
+    # 7. Train
+    with training.sample_demo(args, model):
+        trainer.train(resume_from_checkpoint=training.resume_checkpoint(args, output_dir))
+
+    # 8. Evaluate (--evaluate), 9. save the final model with its card, the curves and the mining report
+    training.finish_run(model, trainer, args, output_dir, training_set)
+    return trainer
+
+
+if __name__ == "__main__":
+    main_exits_2_on_user_error(main)

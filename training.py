@@ -1,29 +1,35 @@
-"""What train_max.py and train_distill.py share: flags, model, trainer, logging and the output folder.
+"""What train_max.py and train_distill.py share and a user never tunes: the flags, the sample model, the trainer
+subclass (lambda step, extra logs, weight-decay names, the guards that stop a collapsed or diverged run), the run
+folder, checkpoints and the model card.
 
-The two scripts read as the recipe (data -> model -> loss -> train -> save -> evaluate); the mechanics
-behind each of those steps live here once.
+The recipe itself (data, model, loss, evaluator, training arguments, trainer) is written out in each script.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from sentence_transformers.sparse_encoder import SparseEncoderTrainer, SparseEncoderTrainingArguments
+from sentence_transformers.sparse_encoder import SparseEncoderTrainer
+from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from data.atomic import write_text_atomic
+from errors import UserError
 from splade_module import SpladeEncoder, SpladeMax, load_splade
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
 SAMPLE_MODEL = "sample-bert"  # --model_name value that builds the small random masked-LM offline
 
-# --sample: settings that make a run take minutes on a CPU. A flag given on the command line still wins.
-SAMPLE_DEFAULTS = dict(
+# --sample: the bundled data, a small random BERT, minutes on a CPU. A flag on the command line still wins.
+# The lambdas are scaled to this model: the real recipe's weights silence a 2-layer random BERT before it learns.
+SAMPLE_COMMON = dict(
     model_name=SAMPLE_MODEL,
     train_batch_size=32,
     max_seq_length=64,
@@ -34,7 +40,16 @@ SAMPLE_DEFAULTS = dict(
     precision="fp32",
     logging_steps=10,
     save_steps=100,
+    eval_steps=50,
 )
+SAMPLE_MAX = dict(SAMPLE_COMMON)
+SAMPLE_DISTILL = dict(SAMPLE_COMMON, lambda_q=0.001, lambda_d=0.0008)
+
+# The original scripts accepted these flags and did nothing with them; old command lines keep working.
+IGNORED_FLAGS = {
+    "pooling": "mean",
+    "use_pre_trained_model": False,
+}
 
 HELP = {
     "train_batch_size": "queries per batch (each with one positive and one negative)",
@@ -43,117 +58,105 @@ HELP = {
     "with a vocabulary trained on the sample, built offline)",
     "lambda_q": "weight of the FLOPS regulariser on queries",
     "lambda_d": "weight of the FLOPS regulariser on documents",
+    "lambda_warmup_steps": "quadratic lambda warm-up: lambda_t = lambda * min(1, t/T)^2 (0 = constant, the original)",
     "epochs": "passes over the training queries (each epoch takes every query's next positive and negative)",
     "warmup_steps": "linear learning-rate warm-up steps (then linear decay to 0)",
     "lr": "peak learning rate of AdamW",
     "num_negs_per_system": "hard negatives taken from each retrieval system of the hard-negatives file",
     "negs_to_use": "comma list of systems to take negatives from (default: every system in the file)",
-    "use_all_queries": "keep queries that have a positive but no negative left after filtering",
+    "use_all_queries": "keep queries left without a negative (train_max) or without a positive (train_distill)",
     "ce_score_margin": "drop a negative whose cross-encoder score is above min(CE(positives)) - margin",
     "max_passages": "train on at most this many queries (0 = all)",
-    "lambda_warmup_steps": "quadratic lambda warm-up: lambda_t = lambda * min(1, t/T)^2 (0 = constant, the original)",
+    "save_steps": "checkpoint every N optimizer steps (0 = at the end of every epoch)",
 }
 
 
-def parse_args(description: str, hyperparameters: dict, argv: list[str] | None = None) -> argparse.Namespace:
-    """Flags named as the seed named them, defaulting to the script's hyperparameter block."""
+def parse_args(description: str, hyperparameters: dict, sample: dict, argv: list[str] | None = None):
+    """Flags named as the original named them, defaulting to the script's hyperparameter block."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in hyperparameters.items():
         if isinstance(default, bool):
-            parser.add_argument(f"--{name}", action="store_true", default=default, help=HELP[name])
+            parser.add_argument(f"--{name}", action="store_true", default=default, help=HELP.get(name))
         else:
-            parser.add_argument(
-                f"--{name}", type=type(default) if default is not None else str, default=default, help=HELP[name]
-            )
-    parser.add_argument(
-        "--sample",
-        action="store_true",
-        help=f"train on the bundled data/sample/ offline in minutes (changes the defaults to {SAMPLE_DEFAULTS})",
-    )
-    parser.add_argument(
-        "--data_dir", default="msmarco-data", help="where the MS MARCO files are (downloaded when missing)"
-    )
-    parser.add_argument("--output_dir", default=None, help="run folder (default: output/<name as the seed named it>)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the model init, data order and negatives")
-    parser.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "fp16", "bf16"],
-        default="auto",
-        help="auto: bf16 on GPUs that support it, else fp16 with loss scaling on GPUs, fp32 on CPU",
-    )
-    parser.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (quick runs)")
-    parser.add_argument("--save_steps", type=int, default=2000, help="checkpoint every this many steps")
-    parser.add_argument("--save_total_limit", type=int, default=3, help="keep this many checkpoints")
-    parser.add_argument(
-        "--logging_steps", type=int, default=100, help="log loss terms, lambdas and active dims every N steps"
-    )
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="a checkpoint folder, or 'last' for the newest checkpoint in --output_dir",
-    )
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="data-loader worker processes")
-    parser.add_argument(
-        "--no_lean_head",
-        action="store_true",
-        help="plain autograd through the SPLADE max instead of the memory-lean head (same numbers)",
-    )
-    parser.add_argument(
-        "--evaluate",
-        action="store_true",
-        help="after training, evaluate (sample dev, or MS MARCO dev + TREC DL 2019/2020) into the model card",
-    )
+            kind = type(default) if default is not None else str
+            parser.add_argument(f"--{name}", type=kind, default=default, help=HELP.get(name))
+    for name, default in IGNORED_FLAGS.items():
+        if name not in hyperparameters:
+            action = dict(action="store_true") if isinstance(default, bool) else dict(default=default)
+            parser.add_argument(f"--{name}", **action, help="accepted for the original's command lines; no effect")
+    if "max_passages" not in hyperparameters:
+        parser.add_argument(
+            "--max_passages", type=int, default=0, help="train_max: accepted as the original; no effect"
+        )
+    add = parser.add_argument
+    add("--sample", action="store_true", help=f"offline quick start on data/sample/ (defaults become {sample})")
+    add("--data_dir", default="msmarco-data", help="where the MS MARCO files are (downloaded when missing)")
+    add("--output_dir", default=None, help="run folder (default: output/<name as the original named it>)")
+    add("--seed", type=int, default=42, help="seed of the model init, data order and negatives")
+    add("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+        help="auto: bf16 on GPUs that support it, else fp16 with loss scaling (the original); fp32 on CPU")  # fmt: skip
+    add("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (quick runs)")
+    add("--save_total_limit", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
+    add("--logging_steps", type=int, default=100, help="log loss terms, lambdas and active dims every N steps")
+    add("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'last' (the newest in --output_dir)")
+    add("--dataloader_num_workers", type=int, default=0, help="data-loader worker processes")
+    add("--no_lean_head", action="store_true", help="plain autograd through the SPLADE max (same numbers)")
+    add("--eval_steps", type=int, default=None, help="dev MRR@10 every N steps (default: every epoch; 0: off)")
+    add("--eval_queries", type=int, default=500, help="dev-small queries in the in-training evaluation")
+    add("--eval_corpus_size", type=int, default=100_000, help="random collection passages it retrieves among")
+    add("--collapse_patience", type=int, default=3,
+        help="stop when query or document vectors are all zero for this many logging steps in a row")  # fmt: skip
+    add("--evaluate", action="store_true", help="after training: MS MARCO dev + TREC DL 2019/2020 into the card")
     if "--sample" in (sys.argv[1:] if argv is None else argv):
-        parser.set_defaults(**SAMPLE_DEFAULTS, data_dir=str(SAMPLE_DIR))
+        parser.set_defaults(**sample, data_dir=str(SAMPLE_DIR))
     args = parser.parse_args(argv)
-    check_args(args)
-    sys.excepthook = _report_user_errors
+    check_args(args, hyperparameters)
     return args
 
 
-def _report_user_errors(kind, error, traceback) -> None:
-    """Bad or missing data gets its message, not a traceback; anything else (a bug) keeps its traceback."""
-    from data.download import DownloadError
-    from data.readers import DataError
-
-    if issubclass(kind, (DataError, DownloadError, FileNotFoundError)):
-        print(f"error: {error}", file=sys.stderr)
-    else:
-        sys.__excepthook__(kind, error, traceback)
-
-
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, hyperparameters: dict) -> None:
+    for name, default in {**IGNORED_FLAGS, "max_passages": 0}.items():
+        if name not in hyperparameters and getattr(args, name) != default:
+            print(f"warning: --{name} has no effect (as in the original script)", file=sys.stderr)
     if args.lambda_q < 0 or args.lambda_d < 0:
-        sys.exit(f"error: --lambda_q and --lambda_d must be >= 0 (got {args.lambda_q}, {args.lambda_d})")
+        raise UserError(f"--lambda_q and --lambda_d must be >= 0 (got {args.lambda_q}, {args.lambda_d})")
     if args.train_batch_size < 2:
-        sys.exit("error: --train_batch_size must be at least 2: the other queries' passages are the in-batch negatives")
+        raise UserError("--train_batch_size must be at least 2: the other queries' passages are the in-batch negatives")
     if args.precision in ("fp16", "bf16") and not torch.cuda.is_available():
-        sys.exit(
-            f"error: --precision {args.precision} needs a CUDA GPU and none is visible; use --precision fp32 on CPU"
-        )
+        raise UserError(f"--precision {args.precision} needs a CUDA GPU and none is visible; use --precision fp32")
     if args.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        sys.exit("error: this GPU does not support bf16; use --precision fp16")
+        raise UserError("this GPU does not support bf16; use --precision fp16")
+    if args.collapse_patience < 1:
+        raise UserError("--collapse_patience must be at least 1")
 
 
-def precision_flags(precision: str) -> dict[str, bool]:
-    if precision == "auto":
+def precision(choice: str) -> dict[str, bool]:
+    """TrainingArguments flags: bf16 autocast where the GPU has it, else fp16 autocast with loss scaling."""
+    if choice == "auto":
         if not torch.cuda.is_available():
-            precision = "fp32"
+            choice = "fp32"
         else:
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 
-def build_model(args: argparse.Namespace, training_texts) -> SpladeEncoder:
+def build_model(args: argparse.Namespace, training_set, script: str) -> SpladeEncoder:
     """The masked-LM to train: the sample's small random BERT, or a checkpoint by name or path."""
     if args.model_name == SAMPLE_MODEL:
-        return build_sample_model(training_texts, args.max_seq_length, args.seed, lean_head=not args.no_lean_head)
-    try:
-        return load_splade(args.model_name, args.max_seq_length, lean_head=not args.no_lean_head)
-    except OSError as error:
-        sys.exit(
-            f"error: {error}\nWithout internet, pass a local directory (e.g. --model_name ../shared/models/splade-tiny)."
-        )
+        model = build_sample_model(training_set.texts(), args.max_seq_length, args.seed, not args.no_lean_head)
+    else:
+        try:
+            model = load_splade(args.model_name, args.max_seq_length, lean_head=not args.no_lean_head)
+        except OSError as error:
+            raise UserError(f"{error}\nWithout internet, pass a local directory (--model_name DIR).") from None
+    card = model.model_card_data  # sentence-transformers writes the card on every save; tell it what this is
+    card.language = "en"
+    card.model_name = f"SPLADE ({script}) on {args.model_name}"
+    card.train_datasets = [{"name": "MS MARCO hard negatives", "id": "sentence-transformers/msmarco-hard-negatives"}]
+    card.local_files_only = True  # a card never needs the Hub; training may run offline
+    if args.model_name != SAMPLE_MODEL and not Path(args.model_name).exists():
+        card.base_model = args.model_name
+    return model
 
 
 def build_sample_model(texts, max_seq_length: int, seed: int, lean_head: bool = True) -> SpladeEncoder:
@@ -175,120 +178,172 @@ def build_sample_model(texts, max_seq_length: int, seed: int, lean_head: bool = 
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=vocabulary,
-        model_max_length=max_seq_length,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
+        tokenizer_object=vocabulary, model_max_length=max_seq_length,
+        unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+    )  # fmt: skip
     config = BertConfig(
-        vocab_size=vocabulary.get_vocab_size(),
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=512,
-        max_position_embeddings=max(512, max_seq_length),
-        pad_token_id=0,
+        vocab_size=vocabulary.get_vocab_size(), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=512, max_position_embeddings=max(512, max_seq_length), pad_token_id=0,
         architectures=["BertForMaskedLM"],
-    )
+    )  # fmt: skip
     torch.manual_seed(seed)
     mlm = BertForMaskedLM(config)
-    return SpladeEncoder(
-        modules=[SpladeMax(mlm=mlm, tokenizer=tokenizer, max_seq_length=max_seq_length, lean_head=lean_head)]
-    )
+    module = SpladeMax(mlm=mlm, tokenizer=tokenizer, max_seq_length=max_seq_length, lean_head=lean_head)
+    return SpladeEncoder(modules=[module])
 
 
-def run_dir(args: argparse.Namespace, name: str) -> Path:
-    """The run folder: --output_dir, the folder of the checkpoint to resume, or output/<name>-<timestamp>."""
+def start_run(args: argparse.Namespace, name: str, script: str) -> Path:
+    """The run folder, and what documents the run even if it crashes: the script with its command line appended
+    (train_script.py, as the original wrote it) and hyperparameters.json. Every process agrees on the folder."""
+    output_dir = _agreed_across_processes(_run_dir(args, name))
+    if _is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        command = f"\n\n# Script was called via:\n# python {' '.join(sys.argv)}\n"
+        write_text_atomic(output_dir / "train_script.py", Path(script).read_text() + command)
+        write_text_atomic(output_dir / "hyperparameters.json", json.dumps(vars(args), indent=2) + "\n")
+    return output_dir
+
+
+def _run_dir(args: argparse.Namespace, name: str) -> Path:
     if args.output_dir:
         return Path(args.output_dir)
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "last":
         return Path(args.resume_from_checkpoint).resolve().parent
     if args.resume_from_checkpoint == "last":
-        sys.exit("error: --resume_from_checkpoint last needs --output_dir (the run folder to resume)")
-    model = (
-        "sample" if args.sample and args.model_name == SAMPLE_MODEL else args.model_name.strip("/").replace("/", "-")
-    )
+        raise UserError("--resume_from_checkpoint last needs --output_dir (the run folder to resume)")
+    model = "sample" if args.model_name == SAMPLE_MODEL else args.model_name.strip("/").replace("/", "-")
     return Path("output") / f"{name.format(model=model)}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
 
 
-class SpladeTrainer(SparseEncoderTrainer):
-    """sentence-transformers' trainer, plus: the loss's lambda warm-up follows the optimizer step, and
-    every log carries the lambdas, raw FLOPS and active dimensions besides the loss terms."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.loss.step = self.state.global_step
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            logs = {**logs, **{name: round(value, 6) for name, value in self.loss.pop_stats().items()}}
-        super().log(logs, start_time)
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
-def make_trainer(model, loss, train_dataset, args: argparse.Namespace, output_dir: Path) -> SpladeTrainer:
-    """AdamW (weight decay 0.01 except biases and LayerNorm weights), linear warm-up and decay,
-    gradient clipping 1.0, mixed precision, checkpoints, TensorBoard, the per-epoch negative rotation."""
-    from data.rotation import EpochRotationBatchSampler
+def _agreed_across_processes(path: Path) -> Path:
+    """Under torchrun each process would stamp its own time into the folder name: take rank 0's."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return path
+    from accelerate import PartialState
 
-    training_args = SparseEncoderTrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.train_batch_size,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_steps,
-        lr_scheduler_type="linear",
-        optim="adamw_torch",
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        **precision_flags(args.precision),
-        seed=args.seed,
-        batch_sampler=EpochRotationBatchSampler,
-        dataloader_drop_last=True,  # as the original: a short last batch has too few in-batch negatives
-        dataloader_num_workers=args.dataloader_num_workers,
-        logging_steps=args.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        report_to=["tensorboard"],
-        disable_tqdm=False,
-    )
-    return SpladeTrainer(model=model, args=training_args, train_dataset=train_dataset, loss=loss)
+    PartialState(cpu=not torch.cuda.is_available())  # the process group the trainer will use (gloo on CPUs)
+    shared = [str(path)]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return Path(shared[0])
 
 
 def resume_checkpoint(args: argparse.Namespace, output_dir: Path) -> str | None:
     if args.resume_from_checkpoint == "last":
         checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
         if checkpoint is None:
-            sys.exit(f"error: no checkpoint-* folder in {output_dir} to resume from")
+            raise UserError(f"no checkpoint-* folder in {output_dir} to resume from")
         return checkpoint
+    if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
+        raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
     return args.resume_from_checkpoint
+
+
+class TrainingStopped(UserError):
+    """The run diverged or collapsed; the message says at which step, what was seen, and what to try."""
+
+
+class SpladeTrainer(SparseEncoderTrainer):
+    """sentence-transformers' trainer, plus:
+    - the loss's lambda warm-up follows the optimizer step; every log carries lambdas, raw FLOPS, active dims;
+    - weight decay skips exactly the parameters whose names contain one of `no_decay` (as the original's fit());
+    - a non-finite loss stops the run at once, and so do all-zero query or document vectors for
+      `collapse_patience` logging steps in a row (the FLOPS regulariser has silenced the model)."""
+
+    def __init__(self, *args, no_decay: list[str], collapse_patience: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.no_decay = no_decay
+        self.collapse_patience = collapse_patience
+        self.zero_logs = 0
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [name for name, _ in model.named_parameters() if not any(nd in name for nd in self.no_decay)]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.loss.step = self.state.global_step
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        value = loss[0] if return_outputs else loss
+        # One host sync per step, which transformers' own logging_nan_inf_filter already pays.
+        if model.training and not torch.isfinite(value.detach()):
+            terms = {name: float(term) for name, term in self.last_terms.items()}
+            self._stop("the loss is not finite", f"loss terms: {terms}")
+        return loss
+
+    def track_loss_components(self, loss: dict[str, torch.Tensor]) -> None:
+        self.last_terms = {name: value.detach() for name, value in loss.items()}
+        super().track_loss_components(loss)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            stats = self.loss.pop_stats()
+            logs = {**logs, **{name: round(value, 6) for name, value in stats.items()}}
+            silent = stats.get("active_dims_q", 1) == 0 or stats.get("active_dims_d", 1) == 0
+            self.zero_logs = self.zero_logs + 1 if silent else 0
+        super().log(logs, start_time)
+        if self.zero_logs >= self.collapse_patience:
+            self._stop(
+                f"query or document vectors have been all zero for {self.zero_logs} logging steps in a row: "
+                "the FLOPS regulariser has killed every activation, and relu passes no gradient to revive them",
+                f"last log: {logs}",
+            )
+
+    def _stop(self, what: str, details: str) -> None:
+        checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        raise TrainingStopped(
+            f"training stopped at step {self.state.global_step}: {what}.\n  {details}\n"
+            f"  Last checkpoint: {checkpoint or 'none yet'}; no final model was written.\n"
+            "  Try: --lambda_warmup_steps (e.g. a few thousand steps), smaller --lambda_q / --lambda_d, a lower --lr."
+        )
+
+
+class KeepOptimizerStateOfNewestCheckpoint(TrainerCallback):
+    """Every checkpoint keeps its model (as the original's), only the newest keeps what resuming needs on top
+    (optimizer, scheduler, RNG states: about twice the model's size)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        for older in checkpoints[:-1]:
+            for path in older.iterdir():
+                if path.name in ("optimizer.pt", "scheduler.pt", "scaler.pt") or path.name.startswith("rng_state"):
+                    path.unlink()
+
+
+@contextmanager
+def sample_demo(args: argparse.Namespace, model):
+    """--sample: print the sample dev MRR@10 before and after training, the demo's visible result."""
+    if not args.sample or not _is_main_process():
+        yield
+        return
+    before = sample_dev_mrr(model)
+    yield
+    after = sample_dev_mrr(model)
+    print(f"sample dev MRR@10: {before:.4f} before training, {after:.4f} after")
+    args.sample_dev_mrr = {"before training": before, "after training": after}
 
 
 def sample_dev_mrr(model) -> float:
     """MRR@10 on the sample's dev queries (exact retrieval over the sample collection)."""
     from evaluate import evaluate_model
 
-    metrics = evaluate_model(
-        model, [str(SAMPLE_DIR)], cache_dir=None, precision="fp32", write_runs=False, show_progress=False
-    )
+    metrics = evaluate_model(model, [str(SAMPLE_DIR)], cache_dir=None, precision="fp32", write_runs=False,
+                             show_progress=False)  # fmt: skip
     return metrics["msmarco-dev"]["mrr@10"]
 
 
-def evaluate_after_training(model, trainer, args, output_dir: Path, mrr_before: float | None) -> dict | None:
-    """--sample: dev MRR@10 before and after. --evaluate: the results-table metrics for the model card."""
+def finish_run(model, trainer, args, output_dir: Path, training_set) -> None:
+    """Rank 0: the final model with its card, the mining report, the curves, the best dev step, and (--evaluate)
+    the results-table metrics."""
     if not trainer.is_world_process_zero():
-        return None
+        return
     metrics = {}
-    if args.sample:
-        metrics["sample-dev mrr@10"] = {"before training": mrr_before, "after training": sample_dev_mrr(model)}
-        print(
-            f"sample dev MRR@10: {mrr_before:.4f} before training, {metrics['sample-dev mrr@10']['after training']:.4f} after"
-        )
+    if getattr(args, "sample_dev_mrr", None):
+        metrics["sample-dev mrr@10"] = args.sample_dev_mrr
     if args.evaluate:
         from evaluate import evaluate_model, results_table
 
@@ -296,81 +351,30 @@ def evaluate_after_training(model, trainer, args, output_dir: Path, mrr_before: 
         results = evaluate_model(model, datasets, output_dir / "eval", data_dir=args.data_dir)
         print(results_table(results, output_dir.name))
         metrics.update(results)
-    return metrics or None
-
-
-def save_run(model, trainer, args, output_dir: Path, script: str, training_set, metrics: dict | None = None) -> None:
-    """Final model, script copy with its command line, hyperparameters, mining report, curves, model card."""
-    if not trainer.is_world_process_zero():
-        return
+    best = best_dev_step(trainer.state.log_history)
+    if best:
+        write_text_atomic(output_dir / "best_dev_step.json", json.dumps(best, indent=2) + "\n")
+        print(f"best dev MRR@10 {best['eval_mrr@10']:.4f} at step {best['step']} (best_dev_step.json)")
     model.save(str(output_dir))
-    script_copy = output_dir / Path(script).name
-    shutil.copyfile(script, script_copy)
-    with open(script_copy, "a") as f:
-        f.write(f"\n\n# Script was called via:\n# python {' '.join(sys.argv)}\n")
-    hyperparameters = dict(vars(args))
-    (output_dir / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=2))
+    append_recipe_to_card(output_dir / "README.md", vars(args), metrics, best)
     training_set.save_report(output_dir / "mining_report.json")
+    from plots import plot_training_curves
+
     plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
-    write_model_card(output_dir, Path(script).stem, hyperparameters, metrics)
 
 
-def plot_training_curves(log_history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    logs = [entry for entry in log_history if "loss" in entry]
-    panels = [
-        (
-            "loss terms",
-            [
-                k
-                for k in ("loss", "ranking_loss", "mse_loss", "flops_q_loss", "flops_d_loss")
-                if any(k in e for e in logs)
-            ],
-        ),
-        ("FLOPS (raw)", ["flops_q", "flops_d"]),
-        ("active dimensions", ["active_dims_q", "active_dims_d"]),
-        ("lambda and learning rate", ["lambda_q", "lambda_d", "learning_rate"]),
-    ]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    for axis, (title, keys) in zip(axes, panels):
-        for key in keys:
-            points = [(e["step"], e[key]) for e in logs if key in e]
-            if points:
-                axis.plot(*zip(*points), label=key)
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+def best_dev_step(log_history: list[dict]) -> dict | None:
+    evaluations = [entry for entry in log_history if "eval_mrr@10" in entry]
+    return max(evaluations, key=lambda entry: entry["eval_mrr@10"]) if evaluations else None
 
 
-def write_model_card(output_dir: Path, script: str, hyperparameters: dict, metrics: dict | None) -> None:
-    lines = [
-        f"# {output_dir.name}",
-        "",
-        f'A SPLADE sparse retriever trained with `{script}.py` (NAVER\'s "Training SPLADE on MSMARCO v1" recipe '
-        "on sentence-transformers).",
-        "",
-        "```python",
-        "from sentence_transformers import SparseEncoder",
-        f'model = SparseEncoder("{output_dir}")',
-        'embeddings = model.encode_query(["what is the capital of france"])',
-        "```",
-        "",
-        "It also loads with `transformers.AutoModelForMaskedLM.from_pretrained` (SPLADE max pooling: "
-        "w[v] = max_t log(1 + relu(logits[t, v]))).",
-        "",
-        "## Hyperparameters",
-        "",
-        "| name | value |",
-        "|---|---|",
-        *[f"| {name} | {value} |" for name, value in hyperparameters.items()],
-    ]
+def append_recipe_to_card(card: Path, hyperparameters: dict, metrics: dict, best: dict | None) -> None:
+    """sentence-transformers wrote the card (model, loss, training arguments, logs); add the recipe's own part."""
+    lines = ["", "## SPLADE recipe", "", "| hyperparameter | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in hyperparameters.items()]
+    if best:
+        lines += ["", f"Best in-training dev MRR@10: {best['eval_mrr@10']:.4f} at step {best['step']}."]
     if metrics:
-        lines += ["", "## Evaluation", "", "```json", json.dumps(metrics, indent=2), "```"]
-    (output_dir / "README.md").write_text("\n".join(lines) + "\n")
+        lines += ["", "### Evaluation", "", "```json", json.dumps(metrics, indent=2), "```"]
+    text = card.read_text() if card.exists() else f"# {card.parent.name}\n"
+    write_text_atomic(card, text + "\n".join(lines) + "\n")

@@ -1,61 +1,57 @@
 """The two training scripts, run as a user runs them, for a few steps on the bundled sample."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from sentence_transformers import SparseEncoder
 
-from conftest import ROOT
+from conftest import ROOT, passages_for, write_files
 from data.mining import mine_distill_examples
 from losses import MarginMSELossSplade
 from splade_module import load_splade
 
+pytestmark = pytest.mark.slow
+
 # Small enough for a CPU test, large enough that the random sample model leaves chance level in 30 steps.
-QUICK = [
-    "--sample",
-    "--train_batch_size",
-    "16",
-    "--max_seq_length",
-    "32",
-    "--logging_steps",
-    "1",
-    "--lr",
-    "1e-3",
-    "--warmup_steps",
-    "5",
-    "--max_steps",
-    "30",
-    "--save_steps",
-    "15",
-    "--lambda_warmup_steps",
-    "0",
-]
+QUICK = "--sample --train_batch_size 16 --max_seq_length 32 --logging_steps 1 --lr 1e-3 --warmup_steps 5".split()
+QUICK += "--max_steps 30 --save_steps 10 --eval_steps 15 --lambda_warmup_steps 0".split()
 MRR = re.compile(r"sample dev MRR@10: ([0-9.]+) before training, ([0-9.]+) after")
 
 
-def train(script, output_dir, *flags):
-    command = [sys.executable, str(ROOT / script), *QUICK, "--output_dir", str(output_dir), *flags]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def run(script, *flags, env=None, timeout=900):
+    command = [sys.executable, str(ROOT / script), *flags]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def train(script, output_dir, *flags, env=None):
+    done = run(script, *QUICK, "--output_dir", str(output_dir), *flags, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout + done.stderr
 
 
 def logged(output_dir, key):
-    last = max(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
-    state = json.loads((last / "trainer_state.json").read_text())
+    state = json.loads((newest_checkpoint(output_dir) / "trainer_state.json").read_text())
     return [entry[key] for entry in state["log_history"] if key in entry]
+
+
+def newest_checkpoint(output_dir):
+    return max(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
 
 
 @pytest.fixture(scope="module")
 def max_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("max")
-    log = train("train_max.py", output_dir)
+    # --pooling, --use_pre_trained_model, --max_passages: accepted and ignored, as the original did.
+    log = train("train_max.py", output_dir, "--pooling", "cls", "--use_pre_trained_model", "--max_passages", "7")
     return output_dir, log
 
 
@@ -68,15 +64,87 @@ def test_train_max_changes_the_weights_lowers_the_loss_and_improves_dev_mrr(max_
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
     for key in ("flops_q_loss", "flops_d_loss", "lambda_q", "lambda_d", "active_dims_q", "active_dims_d"):
         assert len(logged(output_dir, key)) == 30, key
-    halfway, final = (
-        load_file(output_dir / "checkpoint-15" / "model.safetensors"),
+    first, final = (
+        load_file(output_dir / "checkpoint-10" / "model.safetensors"),
         load_file(output_dir / "model.safetensors"),
     )
-    assert all(not torch.equal(halfway[name], final[name]) for name in final)
-    for name in ("hyperparameters.json", "mining_report.json", "training_curves.png", "README.md", "train_max.py"):
+    assert all(not torch.equal(first[name], final[name]) for name in final)
+    for name in ("hyperparameters.json", "mining_report.json", "training_curves.png", "README.md", "train_script.py"):
         assert (output_dir / name).is_file(), name
-    assert "# Script was called via:" in (output_dir / "train_max.py").read_text()
+    assert "# Script was called via:" in (output_dir / "train_script.py").read_text()
     assert json.loads((output_dir / "hyperparameters.json").read_text())["lambda_q"] == 0.0008
+
+
+def test_old_flags_are_accepted_with_a_one_line_warning(max_run):
+    _, log = max_run
+    for flag in ("--pooling", "--use_pre_trained_model", "--max_passages"):
+        assert f"warning: {flag} has no effect (as in the original script)" in log
+
+
+def test_dev_mrr_is_logged_while_training_and_the_best_step_recorded(max_run):
+    output_dir, log = max_run
+    assert len(logged(output_dir, "eval_mrr@10")) == 2 and len(logged(output_dir, "eval_recall@1000")) == 2
+    best = json.loads((output_dir / "best_dev_step.json").read_text())
+    assert best["step"] in (15, 30) and best["eval_mrr@10"] == max(logged(output_dir, "eval_mrr@10"))
+    assert "best dev MRR@10" in log
+
+
+def test_every_checkpoint_is_a_model_and_only_the_newest_keeps_the_optimizer(max_run):
+    output_dir, _ = max_run
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert [path.name for path in checkpoints] == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    texts = ["what is the capital of france"]
+    for checkpoint in checkpoints:
+        assert (SparseEncoder(str(checkpoint)).encode(texts) != 0).sum() > 0, checkpoint
+        assert (checkpoint / "optimizer.pt").exists() == (checkpoint == checkpoints[-1]), checkpoint
+
+
+def test_optimizer_is_the_original_adamw(max_run):
+    """AdamW eps 1e-6; no weight decay exactly for names containing bias, LayerNorm.bias or LayerNorm.weight."""
+    output_dir, _ = max_run
+    groups = torch.load(newest_checkpoint(output_dir) / "optimizer.pt", weights_only=True)["param_groups"]
+    assert {group["eps"] for group in groups} == {1e-6}
+    names = [name for name, _ in load_splade(str(output_dir))[0].named_parameters()]
+    exempt = [name for name in names if any(part in name for part in ("bias", "LayerNorm.bias", "LayerNorm.weight"))]
+    sizes = {group["weight_decay"]: len(group["params"]) for group in groups}
+    assert sizes == {0.01: len(names) - len(exempt), 0.0: len(exempt)}
+
+
+def test_model_card_is_sentence_transformers_own_plus_the_recipe(max_run):
+    output_dir, _ = max_run
+    card = (output_dir / "README.md").read_text()
+    assert "library_name: sentence-transformers" in card and "SparseEncoder" in card  # ST's generated card
+    assert "## SPLADE recipe" in card and "| lambda_q | 0.0008 |" in card and "sample-dev mrr@10" in card
+
+
+def test_saved_model_reloads_in_sparse_encoder_with_identical_vectors(max_run):
+    output_dir, _ = max_run
+    texts = ["what is the capital of france", "a passage about rivers and the sea"]
+    ours = load_splade(str(output_dir))
+    with torch.inference_mode():
+        expected = ours[0](ours[0].preprocess(texts))["sentence_embedding"]
+    theirs = SparseEncoder(str(output_dir)).encode(texts, convert_to_tensor=True, convert_to_sparse_tensor=False)
+    torch.testing.assert_close(theirs, expected, atol=1e-6, rtol=0)
+    assert (expected > 0).sum() > 0
+
+
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(max_run, tmp_path):
+    output_dir, _ = max_run
+    command = [sys.executable, str(ROOT / "train_max.py"), *QUICK, "--output_dir", str(tmp_path)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # kill it hard once checkpoint-20 is complete (trainer_state.json is the last file written)
+        while not (tmp_path / "checkpoint-20" / "trainer_state.json").exists() and process.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        process.kill()
+        process.wait()
+    assert not (tmp_path / "model.safetensors").exists(), "the run finished before it could be killed"
+    shutil.rmtree(tmp_path / "checkpoint-30", ignore_errors=True)  # possibly half-written
+    train("train_max.py", tmp_path, "--resume_from_checkpoint", "last")
+    uninterrupted, resumed = load_file(output_dir / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_train_distill_fine_tunes_splade_tiny_and_lowers_the_loss(tmp_path, splade_tiny_path):
@@ -98,25 +166,30 @@ def test_train_distill_fine_tunes_splade_tiny_and_lowers_the_loss(tmp_path, spla
     assert all(not torch.equal(initial[name], final[name]) for name in final if name in initial)
 
 
-def test_saved_model_reloads_in_sparse_encoder_with_identical_vectors(max_run):
-    output_dir, _ = max_run
-    texts = ["what is the capital of france", "a passage about rivers and the sea"]
-    ours = load_splade(str(output_dir))
-    with torch.inference_mode():
-        expected = ours[0](ours[0].preprocess(texts))["sentence_embedding"]
-    theirs = SparseEncoder(str(output_dir)).encode(texts, convert_to_tensor=True, convert_to_sparse_tensor=False)
-    torch.testing.assert_close(theirs, expected, atol=1e-6, rtol=0)
-    assert (expected > 0).sum() > 0
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Five training queries in the real formats: epochs of 3 batches of 2 (train_max) or 2 (train_distill)."""
+    directory = tmp_path_factory.mktemp("tiny")
+    lines = [{"qid": q, "pos": [100 + q], "neg": {"bm25": [200 + q, 300 + q]}} for q in range(5)]
+    scores = {q: {100 + q: 5.0, 200 + q: -1.0, 300 + q: -2.0} for q in range(5)}
+    pids = [[100 + q, 200 + q, 300 + q] for q in range(5)]
+    return write_files(directory, passages_for(*pids), {q: f"query {q}" for q in range(5)}, lines, scores)
 
 
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(max_run, tmp_path):
-    output_dir, _ = max_run
-    # An interrupted run: only its first checkpoint exists; resume it with the same flags.
-    shutil.copytree(output_dir / "checkpoint-15", tmp_path / "checkpoint-15")
-    train("train_max.py", tmp_path, "--resume_from_checkpoint", "last")
-    uninterrupted, resumed = load_file(output_dir / "model.safetensors"), load_file(tmp_path / "model.safetensors")
-    for name in uninterrupted:
-        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=1e-5, msg=name)
+@pytest.mark.parametrize("script, steps_per_epoch", [("train_max.py", 3), ("train_distill.py", 2)])
+def test_last_partial_batch_kept_by_train_max_dropped_by_train_distill(tiny_data, tmp_path, script, steps_per_epoch):
+    flags = ["--model_name", "sample-bert", "--data_dir", str(tiny_data), "--train_batch_size", "2", "--epochs", "2"]
+    flags += ["--eval_steps", "0", "--max_seq_length", "16", "--output_dir", str(tmp_path)]
+    if script == "train_distill.py":
+        flags += ["--save_steps", "1"]  # its default, every 10,000 steps, would not save here
+    done = run(script, *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        json.loads((newest_checkpoint(tmp_path) / "trainer_state.json").read_text())["global_step"]
+        == 2 * steps_per_epoch
+    )
+    if script == "train_max.py":  # and a checkpoint at the end of every epoch, all kept
+        assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
 
 @pytest.mark.parametrize(
@@ -131,30 +204,17 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(max_run, tmp_pa
 def test_errors_a_user_can_act_on(tmp_path, flags, message):
     if "--precision" in flags and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    command = [sys.executable, str(ROOT / "train_max.py"), "--sample", "--output_dir", str(tmp_path), *flags]
-    done = subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert done.returncode != 0
+    done = run("train_max.py", "--sample", "--output_dir", str(tmp_path), *flags)
+    assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr
 
 
-def test_missing_data_names_the_file_and_the_download_command(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "train_distill.py"),
-        "--data_dir",
-        str(tmp_path),
-        "--output_dir",
-        str(tmp_path),
-    ]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert f"put the file at {tmp_path / 'collection.tar.gz'}" in done.stderr  # offline: what to do instead
-    assert "Traceback" not in done.stderr
+def test_missing_data_names_the_file_and_the_run_folder_still_documents_itself(tmp_path):
+    output_dir = tmp_path / "run"
+    done = run("train_distill.py", "--data_dir", str(tmp_path / "empty"), "--output_dir", str(output_dir))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "collection" in done.stderr or "msmarco-hard-negatives" in done.stderr
+    # Written before anything can fail, as the original wrote its script copy before training.
+    assert "# Script was called via:" in (output_dir / "train_script.py").read_text()
+    assert json.loads((output_dir / "hyperparameters.json").read_text())["lambda_q"] == 0.1
