@@ -12,7 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import gpu_check  # noqa: E402
+import gpu_check  # noqa: E402  (first: it puts the repository on sys.path for the modules below)
+import gpu_check_correctness  # noqa: E402
+import gpu_check_helpers  # noqa: E402
+import gpu_check_recipe  # noqa: E402
 from common import offline_tokenizer, peak_bf16_flops  # noqa: E402
 
 
@@ -88,12 +91,12 @@ def test_comparison_tolerances():
         fault = 0.0
 
     reference = torch.tensor([1.0, -2.0, 3.0])
-    assert gpu_check.check(Ctx, "same", reference.clone(), reference)["passed"]
-    assert not gpu_check.check(Ctx, "off", reference + 1e-2, reference)["passed"]
-    assert gpu_check.check(Ctx, "bf16 rounding", reference * (1 + 2**-8), reference, "bf16")["passed"]
-    assert not gpu_check.check(Ctx, "nan", reference * float("nan"), reference)["passed"]
+    assert gpu_check_correctness.check(Ctx, "same", reference.clone(), reference)["passed"]
+    assert not gpu_check_correctness.check(Ctx, "off", reference + 1e-2, reference)["passed"]
+    assert gpu_check_correctness.check(Ctx, "bf16 rounding", reference * (1 + 2**-8), reference, "bf16")["passed"]
+    assert not gpu_check_correctness.check(Ctx, "nan", reference * float("nan"), reference)["passed"]
     Ctx.fault = 0.01
-    assert not gpu_check.check(Ctx, "injected", reference.clone(), reference)["passed"]
+    assert not gpu_check_correctness.check(Ctx, "injected", reference.clone(), reference)["passed"]
 
 
 def test_exit_status():
@@ -121,9 +124,9 @@ def test_offline_tokenizer_without_the_shared_folder(tmp_path):
 
 def test_worst_case_texts_reach_max_length():
     tokenizer = offline_tokenizer()
-    for text in gpu_check.long_texts(3, 300):
+    for text in gpu_check_helpers.long_texts(3, 300):
         assert len(tokenizer(text)["input_ids"]) > 300
-    columns = gpu_check.batch_texts(5, None)
+    columns = gpu_check_helpers.batch_texts(5, None)
     assert [len(v) for v in columns.values()] == [5, 5, 5]
     assert len(set(columns["positive"] + columns["negative"])) == 10
 
@@ -135,9 +138,9 @@ def test_largest_batch_doubles_then_bisects(monkeypatch):
         tried.append(batch)
         return batch < 300
 
-    monkeypatch.setattr(gpu_check, "fits", fits_below_300)
-    result = gpu_check.largest_batch(None, None, None, "max", 64, 300, seconds=60)
+    monkeypatch.setattr(gpu_check_recipe, "fits", fits_below_300)
+    result = gpu_check_recipe.largest_batch(None, None, None, "max", 64, 300, seconds=60)
     assert tried[:3] == [128, 256, 512]  # doubling from the recipe's batch, which is known to fit
     assert 300 - 300 // 16 <= result["max_batch"] < 300 and result["first_oom"] >= 300
     assert result["search_complete"]
-    assert gpu_check.largest_batch(None, None, None, "max", 64, 300, seconds=0)["search_complete"] is False
+    assert gpu_check_recipe.largest_batch(None, None, None, "max", 64, 300, seconds=0)["search_complete"] is False
