@@ -1,16 +1,20 @@
 """Corpus encoding throughput: our SpladeMax module against SparseEncoder.encode_document, same texts.
 
-  ours fp32   model[0](model[0].preprocess(batch)) under torch.inference_mode, batches sorted by length
+  ours fp32   model[0](model[0].preprocess(batch)) under torch.inference_mode, batches sorted by length,
+              plain fp32 projection (screen_bf16=False)
+  screened    the same with screen_bf16=True: a bf16 projection finds the (text, term) pairs that can be positive,
+              only those are computed in fp32 (max_logits_screened); reports the fraction of pairs recomputed
   ours bf16   the same under torch.autocast(cpu|cuda, bfloat16)
   st          SparseEncoder(path).encode_document(texts, batch_size) (Transformer fill-mask + SpladePooling max;
               it sorts by length too, and returns sparse tensors, its default)
 
-Both sides include tokenisation. Also reported: bf16 against fp32 (max abs difference of the vectors, change of
-the active-term count) and ours against sentence-transformers (max abs difference, a correctness check).
+Both sides include tokenisation. Also reported: bf16 and screened against fp32 (max abs difference of the vectors,
+change of the active-term count) and ours against sentence-transformers (max abs difference, a correctness check).
 
 Usage (from the repository root):
   python bench/bench_encoding.py                 # CISI corpus, splade-tiny, max_seq_length 256, batch 32
   python bench/bench_encoding.py --model distilbert-random --decoder-bias -2.15 --docs 256
+  python bench/bench_encoding.py --variants st fp32 screened   # skip bf16 autocast
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
+VARIANTS = ("st", "fp32", "screened", "bf16")
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument(
     "--model",
@@ -53,6 +58,9 @@ parser.add_argument(
     default=120,
     help="seconds to wait, before starting, for other processes to leave the CPU idle (shared machines)",
 )
+parser.add_argument(
+    "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to run (fp32 always runs)"
+)
 parser.add_argument("--output", help="write the results as JSON here")
 args = parser.parse_args()
 
@@ -61,6 +69,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(ROOT))
 from common import build_random_distilbert, cpu_counters, machine_name, others_cpu_pct, wait_for_idle  # noqa: E402
 
+import splade_module  # noqa: E402
 from splade_module import load_splade  # noqa: E402
 
 # ---------------------------------------------------------------- contention (other processes on the same cores)
@@ -76,13 +85,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def encode_ours(module, texts: list[str], device: str, bf16: bool) -> tuple[float, torch.Tensor]:
-    """Seconds and the (docs x vocab) vectors, in the corpus order."""
+def encode_ours(module, texts: list[str], device: str, variant: str) -> tuple[float, torch.Tensor]:
+    """Seconds and the (docs x vocab) vectors, in the corpus order. variant: fp32, screened or bf16."""
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # longest first, as sentence-transformers
     vectors = torch.empty(len(texts), module.get_embedding_dimension())
-    cast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    cast = torch.autocast(device, dtype=torch.bfloat16) if variant == "bf16" else contextlib.nullcontext()
+    module.screen_bf16 = variant == "screened"
     with torch.inference_mode(), cast:
-        module(module.preprocess(texts[:2]))  # warm-up
+        module({k: v.to(device) for k, v in module.preprocess(texts[:2]).items()})  # warm-up
         sync(device)
         start = time.perf_counter()
         for begin in range(0, len(texts), args.batch_size):
@@ -91,6 +101,23 @@ def encode_ours(module, texts: list[str], device: str, bf16: bool) -> tuple[floa
             vectors[rows] = module(features)["sentence_embedding"].float().cpu()
         sync(device)
         return time.perf_counter() - start, vectors
+
+
+class CandidateCounter:
+    """Wraps splade_module.bf16_screen to count the (text, term) pairs it sends to the exact fp32 recomputation."""
+
+    def __init__(self):
+        self.candidates = self.pairs = 0
+        self.screen = splade_module.bf16_screen
+
+    def __call__(self, *screen_args):
+        candidates = self.screen(*screen_args)
+        self.candidates += int(candidates.sum())
+        self.pairs += candidates.numel()
+        return candidates
+
+    def fraction(self) -> float:
+        return self.candidates / max(1, self.pairs)
 
 
 def encode_st(model, texts: list[str], device: str) -> tuple[float, torch.Tensor]:
@@ -117,11 +144,30 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
+def run_variants(path: str, texts: list[str], device: str) -> dict:
+    """{variant: (seconds, vectors)}, plus the screen's candidate fraction, all in one process and one sitting."""
+    from sentence_transformers import SparseEncoder
+
+    ours = load_splade(path, max_seq_length=args.max_seq_length).to(device).eval()
+    st = SparseEncoder(path, device=device)
+    st.max_seq_length = args.max_seq_length
+    counter = CandidateCounter()
+    splade_module.bf16_screen = counter
+    if device == "cpu":
+        wait_for_idle(args.wait_idle, max(5.0, 95.0 - 100.0 * args.threads / (os.cpu_count() or 1)))
+    runs = {}
+    for variant in [v for v in VARIANTS if v in args.variants or v == "fp32"]:
+        if variant == "st":
+            runs[variant] = encode_st(st, texts, device)
+        else:
+            runs[variant] = encode_ours(ours[0], texts, device, variant)
+    return runs, counter.fraction()
+
+
 def main() -> None:
     torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     import transformers
-    from sentence_transformers import SparseEncoder
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -132,22 +178,13 @@ def main() -> None:
         path = build_random_distilbert(scratch, args.decoder_bias)
     try:
         texts = read_corpus()
-        ours = load_splade(path, max_seq_length=args.max_seq_length).to(device).eval()
-        st = SparseEncoder(path, device=device)
-        st.max_seq_length = args.max_seq_length
-        if device == "cpu":
-            wait_for_idle(args.wait_idle, max(5.0, 95.0 - 100.0 * args.threads / (os.cpu_count() or 1)))
         counters, cpu_start, wall_start = cpu_counters(), time.process_time(), time.perf_counter()
-        st_s, st_vectors = encode_st(st, texts, device)
-        fp32_s, fp32_vectors = encode_ours(ours[0], texts, device, bf16=False)
-        bf16_s, bf16_vectors = encode_ours(ours[0], texts, device, bf16=True)
+        runs, candidate_fraction = run_variants(path, texts, device)
         others = others_cpu_pct(counters, cpu_counters())
         cpu_per_wall = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-
-    rows = [("st", st_s), ("ours fp32", fp32_s), ("ours bf16", bf16_s)]
     config = {
         "model": args.model,
         "decoder_bias": args.decoder_bias,
@@ -157,28 +194,39 @@ def main() -> None:
         "threads": args.threads,
         "device": device,
         "machine": machine_name(device),
+        "bf16_matmul_native": splade_module.bf16_matmul_is_native(torch.device(device)),
         "torch": torch.__version__,
         "others_cpu_pct": others,
         "cpu_per_wall": round(cpu_per_wall, 2),
     }
+    report(config, runs, candidate_fraction, len(texts))
+
+
+def report(config: dict, runs: dict, candidate_fraction: float, docs: int) -> None:
+    fp32_s, fp32_vectors = runs["fp32"]
     results = {
-        "seconds": {name: round(s, 2) for name, s in rows},
-        "docs_per_s": {name: round(len(texts) / s, 1) for name, s in rows},
-        "speedup_vs_st": {name: round(st_s / s, 2) for name, s in rows},
-        "ours_fp32_vs_st": compare(st_vectors, fp32_vectors),
-        "bf16_vs_fp32": compare(fp32_vectors, bf16_vectors),
+        "seconds": {name: round(s, 2) for name, (s, _) in runs.items()},
+        "docs_per_s": {name: round(docs / s, 1) for name, (s, _) in runs.items()},
+        "speedup_vs_fp32": {name: round(fp32_s / s, 2) for name, (s, _) in runs.items()},
+        "screen_candidate_fraction": round(candidate_fraction, 5) if "screened" in runs else None,
     }
+    comparisons = [("st", "fp32"), ("fp32", "screened"), ("fp32", "bf16")]
+    for a, b in [(a, b) for a, b in comparisons if a in runs and b in runs]:
+        results[f"{b}_vs_{a}"] = compare(runs[a][1], runs[b][1])
     print(json.dumps(config))
-    print(f"{'variant':<10} {'seconds':>8} {'docs/s':>8} {'vs st':>6}")
-    for name, seconds in rows:
-        print(f"{name:<10} {seconds:>8.2f} {len(texts) / seconds:>8.1f} {st_s / seconds:>5.2f}x")
-    for name in ("ours_fp32_vs_st", "bf16_vs_fp32"):
+    print(f"{'variant':<10} {'seconds':>8} {'docs/s':>8} {'vs fp32':>8}")
+    for name, (seconds, _) in runs.items():
+        print(f"{name:<10} {seconds:>8.2f} {docs / seconds:>8.1f} {fp32_s / seconds:>7.2f}x")
+    if results["screen_candidate_fraction"] is not None:
+        print(f"screened: {100 * candidate_fraction:.3f} % of (text, term) pairs recomputed in fp32")
+    for name in [key for key in results if key.endswith(("_vs_st", "_vs_fp32")) and key != "speedup_vs_fp32"]:
         c = results[name]
         print(
             f"{name}: max |diff| {c['max_abs_diff']:.4g}, active terms/doc {c['active_per_doc'][0]} -> "
             f"{c['active_per_doc'][1]} ({c['active_count_change_pct']:+.2f} %), "
             f"terms active in only one: {c['terms_active_in_one_only_per_doc']}/doc"
         )
+    others, cpu_per_wall = config["others_cpu_pct"], config["cpu_per_wall"]
     if others > 5 and not (args.threads == 1 and cpu_per_wall > 0.95):
         print(
             f"WARNING: other processes took {others} % of the CPU meanwhile; rerun on an idle machine "

@@ -2,6 +2,8 @@
 
 Variants, all on the same tokenised inputs (queries, positives, negatives) and the same model weights:
   lean      SpladeMax with the SpladeMaxHead autograd function (sparse backward), our MNRL + FLOPS loss
+  padded    the lean head as it was before it skipped padding (splade_module.py at --reference-commit, read
+            with git show): it projects every padded position and keeps the arg-max in the forward
   autograd  SpladeMax(lean_head=False): plain autograd through the chunked max, same loss
   naive     full B x L x V logits from the MLM, splade_max_naive (log1p(relu) * mask, max), same loss
   st        sentence-transformers' SparseEncoder(path) (Transformer fill-mask + SpladePooling max) with
@@ -20,6 +22,7 @@ Usage (from the repository root):
   python bench/bench_training.py                              # reference CPU config, splade-tiny, 16/16/16 x 256
   python bench/bench_training.py --model distilbert-random --decoder-bias -2.15 --batch 4 --steps 2
   python bench/bench_training.py --threads 1                  # a shared machine with one free core
+  python bench/bench_training.py --length-mix msmarco --variant lean,padded   # MS MARCO-like lengths, padding
   python bench/bench_training.py --find-max-batch             # GPU only: largest batch, lean vs st
 """
 
@@ -31,6 +34,7 @@ import ctypes
 import functools
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -43,7 +47,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-VARIANTS = ("lean", "autograd", "naive", "st")
+VARIANTS = ("lean", "padded", "autograd", "naive", "st")
+MSMARCO_QUERIES = SHARED / "data" / "msmarco" / "queries.dev.small.tsv"
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument(
@@ -58,7 +63,15 @@ parser.add_argument(
     help="distilbert-random only: constant vocabulary bias. 0 = plain init, every term active (the dense "
     "worst case of the lean head); -2.15 leaves ~250 active terms per 256-token document, as a trained SPLADE",
 )
-parser.add_argument("--variant", choices=VARIANTS + ("all",), default="all")
+parser.add_argument("--variant", default="all", help=f"'all' or a comma list of {', '.join(VARIANTS)}")
+parser.add_argument(
+    "--length-mix",
+    choices=("long", "msmarco"),
+    default="long",
+    help="long: CISI queries, CISI abstracts of at least --doc-length tokens (no padding in documents). msmarco: "
+    "MS MARCO dev queries and CISI abstracts cut to 60-80 tokens (seeded), the lengths MS MARCO training pads",
+)
+parser.add_argument("--reference-commit", default="5ba5a54", help="the commit whose lean head 'padded' runs")
 parser.add_argument("--batch", type=int, default=16, help="queries per step; as many positives and negatives")
 parser.add_argument("--doc-length", type=int, default=256, help="max_seq_length (documents are all at least this long)")
 parser.add_argument("--steps", type=int, default=3, help="measured steps after the warm-up step")
@@ -113,6 +126,8 @@ def cisi_texts(length: int, tokenizer) -> tuple[list[str], list[str]]:
 
 def read_texts(batch: int, length: int, tokenizer) -> dict[str, list[str]]:
     """`batch` queries, positives and negatives (cycled if the batch asks for more than CISI has)."""
+    if args.length_mix == "msmarco":
+        return msmarco_like_texts(batch, tokenizer)
     queries, long_docs = cisi_texts(length, tokenizer)
     cycle = lambda texts, start, n: [texts[(start + i) % len(texts)] for i in range(n)]  # noqa: E731
     return {
@@ -120,6 +135,43 @@ def read_texts(batch: int, length: int, tokenizer) -> dict[str, list[str]]:
         "positive": cycle(long_docs, 0, batch),
         "negative": cycle(long_docs, batch, batch),
     }
+
+
+def msmarco_like_texts(batch: int, tokenizer, seed: int = 0) -> dict[str, list[str]]:
+    """MS MARCO dev queries, and CISI abstracts cut to 60-80 tokens (uniform, seeded): MS MARCO passages' lengths."""
+    generator = random.Random(seed)
+    with open(MSMARCO_QUERIES) as f:
+        queries = [line.rstrip("\n").split("\t", 1)[1] for line in f]
+    queries = generator.sample(queries, batch)
+    corpus = [json.loads(line)["text"] for line in open(SHARED / "data" / "beir" / "cisi" / "corpus.jsonl")]
+    passages = []
+    for text in generator.sample(corpus, 2 * batch):  # [CLS] and [SEP] count in the 60-80
+        ids = tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
+        passages.append(tokenizer.decode(ids[: generator.randint(58, 78)]))
+    return {"query": queries, "positive": passages[:batch], "negative": passages[batch:]}
+
+
+def padding_pct(features: list[dict[str, torch.Tensor]]) -> list[float]:
+    """Share of padded positions in each column's batch (queries, positives, negatives), in %."""
+    return [round(100 * (1 - float(f["attention_mask"].float().mean())), 1) for f in features]
+
+
+def use_reference_head(commit: str) -> None:
+    """Make SpladeMax train with the lean head of splade_module.py at `commit` (this process only)."""
+    import importlib.util
+
+    import splade_module
+
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{commit}:splade_module.py"], capture_output=True, text=True, check=True
+    ).stdout
+    with tempfile.TemporaryDirectory(prefix="splade-reference-") as folder:
+        path = Path(folder) / "splade_module_reference.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("splade_module_reference", path)
+        reference = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(reference)
+    splade_module.SpladeMaxHead = reference.SpladeMaxHead
 
 
 def naive_forward(self, features, **kwargs):
@@ -145,6 +197,8 @@ def build(variant: str, path: str, device: str):
         )
         return model, loss
     model = load_splade(path, max_seq_length=args.doc_length, lean_head=(variant != "autograd")).to(device)
+    if variant == "padded":
+        use_reference_head(args.reference_commit)
     if variant == "naive":
         model[0].forward = naive_forward.__get__(model[0])
     return model, MultipleNegativesRankingLossSplade(model, lambda_q=args.lambda_q, lambda_d=args.lambda_d)
@@ -287,6 +341,7 @@ def measure_steps(variant: str, path: str, device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "batch": args.batch,
         "shape": [list(f["input_ids"].shape) for f in features],
+        "padding_pct": padding_pct(features),
         "params": params,
         "step_ms": [round(t * 1000, 1) for t in times],
         "median_step_ms": round(step_s * 1000, 1),
@@ -345,6 +400,8 @@ def run_child(variant: str, path: str) -> dict:
     for flag in (
         "batch",
         "doc_length",
+        "length_mix",
+        "reference_commit",
         "steps",
         "threads",
         "lambda_q",
@@ -375,23 +432,26 @@ def ratio(value, reference):
 
 
 def print_table(results: list[dict]) -> None:
+    """Time and memory of each variant, and their ratios to each reference variant of the same run."""
     by_name = {r["variant"]: r for r in results if "error" not in r}
-    st, naive = by_name.get("st", {}), by_name.get("naive", {})
-    print(
-        f"{'variant':<9} {'median step ms':>14} {'peak extra MB':>13} {'time/st':>8} {'mem/st':>7} "
-        f"{'time/naive':>10} {'mem/naive':>9} {'tokens/s':>9} {'active/doc':>10}" + ("  mfu" if "mfu" in st else "")
-    )
+    references = [name for name in ("padded", "naive", "st") if name in by_name]
+    header = f"{'variant':<9} {'median step ms':>14} {'peak extra MB':>13}"
+    header += "".join(f" {'time/' + name:>12} {'mem/' + name:>11}" for name in references)
+    print(header + f" {'tokens/s':>9} {'active/doc':>10}" + ("  mfu" if "mfu" in by_name.get("st", {}) else ""))
     for r in results:
         if "error" in r:
             print(f"{r['variant']:<9} FAILED: {r['error']}")
             continue
         t, m = r["median_step_ms"], r["median_peak_extra_mb"]
-        print(
-            f"{r['variant']:<9} {t:>14.1f} {m:>13.1f} {ratio(t, st.get('median_step_ms')):>8} "
-            f"{ratio(m, st.get('median_peak_extra_mb')):>7} {ratio(t, naive.get('median_step_ms')):>10} "
-            f"{ratio(m, naive.get('median_peak_extra_mb')):>9} {r['tokens_per_s']:>9.0f} {r['active_terms_per_doc']:>10.0f}"
-            + (f"  {r['mfu']:.3f}" if "mfu" in r else "")
-        )
+        line = f"{r['variant']:<9} {t:>14.1f} {m:>13.1f}"
+        for name in references:
+            reference = by_name[name]
+            line += f" {ratio(t, reference['median_step_ms']):>12} {ratio(m, reference['median_peak_extra_mb']):>11}"
+        line += f" {r['tokens_per_s']:>9.0f} {r['active_terms_per_doc']:>10.0f}"
+        print(line + (f"  {r['mfu']:.3f}" if "mfu" in r else ""))
+    if by_name:
+        first = next(iter(by_name.values()))
+        print(f"batch shapes (queries, positives, negatives): {first['shape']}, padding %: {first['padding_pct']}")
 
 
 def main() -> None:
@@ -416,11 +476,14 @@ def main() -> None:
         path = build_random_distilbert(scratch, args.decoder_bias)
     if args.find_max_batch and device != "cuda":
         sys.exit("--find-max-batch needs a GPU (it bisects until CUDA out of memory)")
-    variants = ("lean", "st") if args.find_max_batch else (VARIANTS if args.variant == "all" else (args.variant,))
+    if args.find_max_batch:
+        variants = ("lean", "st")
+    else:
+        variants = VARIANTS if args.variant == "all" else args.variant.split(",")
     try:
         results = []
         for variant in variants:
-            for attempt in range(1 + args.retries):
+            for _attempt in range(1 + args.retries):
                 if device == "cpu":
                     wait_for_idle(args.wait_idle, max(5.0, 95.0 - 100.0 * args.threads / (os.cpu_count() or 1)))
                 result = run_child(variant, path)
@@ -436,6 +499,7 @@ def main() -> None:
         "decoder_bias": args.decoder_bias,
         "batch": args.batch,
         "doc_length": args.doc_length,
+        "length_mix": args.length_mix,
         "steps": args.steps,
         "threads": args.threads,
         "device": device,
@@ -446,9 +510,8 @@ def main() -> None:
     print(json.dumps(config))
     if args.find_max_batch:
         for r in results:
-            print(
-                f"{r['variant']:<6} max batch {r.get('max_batch')} (first OOM at {r.get('first_oom')})  {r.get('error', '')}"
-            )
+            first_oom = f"(first OOM at {r.get('first_oom')})"
+            print(f"{r['variant']:<6} max batch {r.get('max_batch')} {first_oom}  {r.get('error', '')}")
     else:
         print_table(results)
         busy = {r["variant"]: r["others_cpu_pct"] for r in results if "error" not in r and not undisturbed(r)}

@@ -1,85 +1,49 @@
-"""Cross-encoder scores: a safe loader for the gzip pickle `{qid: {pid: float}}` and a compact cache.
+"""Cross-encoder scores: the gzip pickle `{qid: {pid: score}}` read safely and lean, and its compact .npz cache.
 
-The scores file comes from the internet, and unpickling runs whatever the pickle asks for (any
-`__reduce__` can call os.system). RestrictedUnpickler refuses every global, so the only things a
-pickle can build are the plain types that pickle encodes without a global (dict, list, str, int,
-float, ...); the result is then checked to be exactly dict[int, dict[int, float]]. Anything else is
-refused with UnsafePickleError before any of it is used; nothing in it is ever called.
+The scores file comes from the internet, and unpickling runs whatever the pickle asks for (any `__reduce__`
+can call os.system). So it is never unpickled: data.ce_pickle walks its opcodes and accepts only what a dict of
+dicts of ints -> floats is written with (scores may be NumPy float16/32/64 scalars, as a cross-encoder's predict
+returns them); anything else raises UnsafePickleError and nothing in the file is ever imported or called.
 
-Unpickling builds ~100 bytes of Python objects per score: 13 GB peak for 116 million synthetic scores
-(python -m data.bench_memory), so ~18 GB for the real file's 160 million, once. What we derive (CSR
-arrays, 8 bytes per score) is cached in an .npz next to the pickle, keyed by its size and mtime: later
-runs load the arrays in seconds and never unpickle again.
+The walk fills CSR arrays directly (8 bytes per score, ~16 at the peak) instead of building 100-235 bytes of
+Python objects per score (bench/bench_memory.py compares both). The arrays are cached in an .npz next to the
+pickle, keyed by its size and mtime: later runs load them in seconds.
 """
 
 import gzip
-import io
-import os
-import pickle
 import zlib
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from data.atomic import atomic_path
+from data.ce_pickle import UnsafePickleError, read_scores_pickle
 from data.download import file_lock
-from data.readers import MAX_ID, DataError
+from data.readers import DataError
+
+__all__ = ["CEScores", "UnsafePickleError", "cache_path", "load_ce_scores", "read_scores_pickle_gz"]
+
+# The real file holds ~8.4 compressed bytes per score: start the arrays there, they grow if short.
+COMPRESSED_BYTES_PER_SCORE = 8
 
 
-class UnsafePickleError(DataError):
-    """The pickle asks for something other than plain dicts, ints and floats."""
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that builds plain containers and numbers only and refuses every global."""
-
-    def find_class(self, module, name):
-        # Every way a pickle can reach code (GLOBAL, STACK_GLOBAL, INST, OBJ, EXT*) goes through here.
-        raise UnsafePickleError(
-            f"refusing to load global {module}.{name}: a CE scores pickle holds only dicts, ints and floats"
-        )
-
-    def persistent_load(self, pid):
-        raise UnsafePickleError(f"refusing persistent id {pid!r}")
-
-
-class _ProgressRaw(io.RawIOBase):
-    """Raw stream over the decompressed pickle that moves a progress bar by the compressed bytes read.
-
-    Wrapped in an io.BufferedReader: the C unpickler then reads through peek() in large chunks; a
-    Python-level read() per opcode would make loading the real file ~30x slower.
-    """
-
-    def __init__(self, raw, gz, bar):
-        self.raw, self.gz, self.bar = raw, gz, bar
-
-    def readable(self):
-        return True
-
-    def readinto(self, buf):
-        n = self.gz.readinto(buf)
-        self.bar.update(self.raw.tell() - self.bar.n)
-        return n
-
-
-def safe_load_pickle_gz(path):
-    """Unpickle a gzip pickle with RestrictedUnpickler. Truncation and corruption raise DataError."""
+def read_scores_pickle_gz(path):
+    """CEScores from a `{qid: {pid: score}}` gzip pickle. Truncation and corruption raise DataError."""
     path = Path(path)
+    size = path.stat().st_size
     try:
         with (
             open(path, "rb") as raw,
             gzip.GzipFile(fileobj=raw) as gz,
-            tqdm(
-                total=path.stat().st_size, unit="B", unit_scale=True, desc=f"unpickling {path.name} (restricted)"
-            ) as bar,
+            tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {path.name}") as bar,
         ):
-            return RestrictedUnpickler(io.BufferedReader(_ProgressRaw(raw, gz, bar), 1 << 20)).load()
-    except UnsafePickleError as err:
-        raise UnsafePickleError(f"{path}: {err}") from None
+            arrays = read_scores_pickle(
+                gz, path, size // COMPRESSED_BYTES_PER_SCORE, lambda: bar.update(raw.tell() - bar.n)
+            )
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise DataError(f"{path}: truncated or corrupt gzip ({err}); delete it and download it again") from None
-    except (pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError) as err:
-        raise DataError(f"{path}: not a valid pickle ({type(err).__name__}: {err})") from None
+    return CEScores(*arrays)
 
 
 class CEScores:
@@ -99,47 +63,6 @@ class CEScores:
         a, b = self.ptr[r], self.ptr[r + 1]
         return dict(zip(self.pids[a:b].tolist(), self.scores[a:b].tolist()))
 
-    @classmethod
-    def from_dict(cls, scores, path="scores"):
-        """Check that `scores` is exactly dict[int, dict[int, float]] and convert it, row by row.
-
-        Consumes `scores` (rows are popped as they are converted, so the dicts and the arrays are
-        never both whole in memory).
-        """
-        if type(scores) is not dict:
-            raise UnsafePickleError(f"{path}: expected a dict {{qid: {{pid: score}}}}, found {type(scores).__name__}")
-        qids = sorted(scores) if set(map(type, scores)) <= {int} else None
-        if qids is None:
-            bad = next(k for k in scores if type(k) is not int)
-            raise UnsafePickleError(f"{path}: query id {bad!r} ({type(bad).__name__}) is not an int")
-        for qid in qids:
-            if type(scores[qid]) is not dict:
-                raise UnsafePickleError(f"{path}: scores[{qid}] is a {type(scores[qid]).__name__}, not a dict")
-        total = sum(len(scores[q]) for q in qids)
-        ptr = np.zeros(len(qids) + 1, dtype=np.int64)
-        pids = np.empty(total, dtype=np.int32)
-        values = np.empty(total, dtype=np.float32)
-        pos = 0
-        for r, qid in enumerate(tqdm(qids, desc="converting CE scores", mininterval=2)):
-            row = scores.pop(qid)
-            # type() checks run in C (set(map(type, ...))): bool is not int here, str/None/list are refused.
-            if not set(map(type, row)) <= {int}:
-                bad = next(k for k in row if type(k) is not int)
-                raise UnsafePickleError(f"{path}: scores[{qid}] has key {bad!r} ({type(bad).__name__}), not an int")
-            if not set(map(type, row.values())) <= {float, int}:
-                bad = next(v for v in row.values() if type(v) not in (float, int))
-                raise UnsafePickleError(f"{path}: scores[{qid}] holds {bad!r} ({type(bad).__name__}), not a float")
-            n = len(row)
-            keys = np.fromiter(row.keys(), dtype=np.int64, count=n)
-            if n and (keys.min() < 0 or keys.max() > MAX_ID or not 0 <= qid <= MAX_ID):
-                raise DataError(f"{path}: scores[{qid}] has an id outside [0, {MAX_ID}]")
-            order = np.argsort(keys, kind="stable")
-            pids[pos : pos + n] = keys[order]
-            values[pos : pos + n] = np.fromiter(row.values(), dtype=np.float64, count=n)[order]
-            pos += n
-            ptr[r + 1] = pos
-        return cls(np.asarray(qids, dtype=np.int64), ptr, pids, values)
-
 
 def cache_path(path):
     st = Path(path).stat()
@@ -147,32 +70,27 @@ def cache_path(path):
 
 
 def load_ce_scores(path):
-    """CEScores for a `{qid: {pid: float}}` gzip pickle, from its .npz cache when it has one."""
+    """CEScores for a `{qid: {pid: score}}` gzip pickle, from its .npz cache when it has one."""
     path = Path(path)
     cache = cache_path(path)
     if not cache.exists():
-        # One process unpickles (~16 GB for the real file) and writes the cache; others wait, then read it.
+        # One process reads the pickle and writes the cache; others wait, then load the cache.
         with file_lock(path.with_name(path.name + ".lock")):
             if not cache.exists():
-                return _unpickle_and_cache(path, cache)
+                return _read_and_cache(path, cache)
     with np.load(cache, allow_pickle=False) as z:  # allow_pickle=False: the cache cannot carry code either
         print(f"CE scores: {cache.name} (cache)")
         return CEScores(z["qids"], z["ptr"], z["pids"], z["scores"])
 
 
-def _unpickle_and_cache(path, cache):
-    raw = safe_load_pickle_gz(path)
-    ce = CEScores.from_dict(raw, path)
-    del raw
-    # Write the cache through a temporary name: an interrupted write never looks like a cache.
-    tmp = cache.with_name(cache.name + ".tmp.npz")
+def _read_and_cache(path, cache):
+    ce = read_scores_pickle_gz(path)
     try:
-        np.savez(tmp, qids=ce.qids, ptr=ce.ptr, pids=ce.pids, scores=ce.scores)
-        os.replace(tmp, cache)
+        with atomic_path(cache) as part:  # an interrupted write never looks like a cache
+            np.savez(part, qids=ce.qids, ptr=ce.ptr, pids=ce.pids, scores=ce.scores)
         for old in path.parent.glob(f"{path.name}.cache-*.npz"):
             if old != cache:
                 old.unlink()
     except OSError as err:  # a read-only data dir: work without a cache
-        print(f"warning: cannot write the CE scores cache {cache} ({err}); the next run unpickles again")
-        tmp.unlink(missing_ok=True)
+        print(f"warning: cannot write the CE scores cache {cache} ({err}); the next run reads the pickle again")
     return ce

@@ -4,35 +4,38 @@
     python -m data.download eval  --data_dir msmarco-data   # dev-small and TREC DL 2019/2020 queries + qrels
     python -m data.download all   --data_dir msmarco-data
 
-Every file is fetched into `<name>.part` and renamed only once it has been checked, so a file
-without `.part` is complete. An interrupted download resumes from the `.part` file (HTTP Range).
-Nothing is downloaded at import time.
+MS MARCO, TREC DL and BEIR files go through data.fetch (resumable `.part` files, size / md5 / gzip checks);
+archives are extracted member by member, each file appearing only once complete and its lines counted.
+The two Hugging Face files (hard negatives, cross-encoder scores) go through huggingface_hub's hf_hub_download,
+which resumes, checks sizes and ETags, and honours HF_ENDPOINT (mirrors) and HF_TOKEN.
+Nothing is downloaded at import time. Every failure is a DownloadError whose message says what to try.
 """
 
 import argparse
 import contextlib
-import fcntl
 import gzip
-import hashlib
-import http.client
 import os
 import shutil
 import tarfile
-import urllib.error
-import urllib.request
+import tempfile
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
 from tqdm.auto import tqdm
 
-from errors import UserError
+from data.atomic import atomic_path
+from data.fetch import CHUNK, DownloadError, count_lines, download_file
+from errors import UserError, main_exits_2_on_user_error
 
 MSMARCO = "https://msmarco.z22.web.core.windows.net/msmarcoranking/"
-HARD_NEGATIVES = "https://huggingface.co/datasets/sentence-transformers/msmarco-hard-negatives/resolve/main/"
 TREC_DL = "https://trec.nist.gov/data/deep/"
+HF_DATASET = "sentence-transformers/msmarco-hard-negatives"  # a Hugging Face dataset repository
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 
-# The files the training scripts read (SPEC.md, "Data"), by role.
+# The files the training scripts read, by role.
 COLLECTION = "collection.tsv"
 TRAIN_QUERIES = "queries.train.tsv"
 HARD_NEGATIVES_FILE = "msmarco-hard-negatives.jsonl.gz"
@@ -58,14 +61,12 @@ class Source:
 
 # Sizes and md5 sums: for queries.tar.gz and the TREC DL files, those that ir_datasets publishes
 # (allenai/ir_datasets, ir_datasets/etc/downloads.json); qrels.dev.small.tsv: the original file.
-# collection.tar.gz (about 1 GB), the hard negatives and the CE scores have no published exact size:
-# they are checked against the server's Content-Length, read to the end (gzip/tar) and, for the
-# collection, counted (8,841,823 lines). We do not write down sizes we have not seen.
+# collection.tar.gz (about 1 GB) has no published exact size: it is checked against the server's
+# Content-Length, read to the end and counted (8,841,823 lines). We do not write down sizes we have not seen.
+# The Hugging Face files are checked by huggingface_hub against the Hub's size and ETag.
 SOURCES = {
     "collection.tar.gz": Source(MSMARCO + "collection.tar.gz", None, None),
     "queries.tar.gz": Source(MSMARCO + "queries.tar.gz", 18_882_551, "c177b2795d5f2dcc524cf00fcd973be1"),
-    HARD_NEGATIVES_FILE: Source(HARD_NEGATIVES + HARD_NEGATIVES_FILE, None, None),
-    CE_SCORES_FILE: Source(HARD_NEGATIVES + CE_SCORES_FILE, None, None),
     "qrels.dev.small.tsv": Source(MSMARCO + "qrels.dev.small.tsv", 143_300, "38a80559a561707ac2ec0f150ecd1e8a"),
     "msmarco-test2019-queries.tsv.gz": Source(
         MSMARCO + "msmarco-test2019-queries.tsv.gz", 4_276, "eda71eccbe4d251af83150abe065368c"
@@ -86,111 +87,13 @@ LINE_COUNTS = {
     "qrels.dev.small.tsv": 7_437,
 }
 
-CHUNK = 1 << 20
 
-
-class DownloadError(UserError, RuntimeError):
-    """A download that failed; the message says what to do (resume, or fetch the file by other means)."""
+class MissingDataError(UserError, FileNotFoundError):
+    """A data file is missing and downloads are off; the message gives the command that fetches it."""
 
 
 def download_command(data_dir, what="train"):
     return f"python -m data.download {what} --data_dir {data_dir}"
-
-
-def download_file(url, dest, expected_size=None, expected_md5=None, timeout=60):
-    """Fetch url into dest, resuming dest.part; check size, md5 and (for .gz) that it reads to the end."""
-    dest = Path(dest)
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    start = part.stat().st_size if part.exists() else 0
-
-    headers = {"User-Agent": "splade-reproduction/1.0"}
-    if start:
-        headers["Range"] = f"bytes={start}-"
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as err:
-        # 416: the .part file already holds the whole file (a crash between download and rename).
-        if not (err.code == 416 and start):
-            raise DownloadError(f"download of {url} failed: HTTP {err.code} {err.reason}") from err
-        response = None
-    except urllib.error.URLError as err:
-        raise DownloadError(f"cannot reach {url} ({err.reason}); without internet, put the file at {dest}") from err
-
-    if response is not None:
-        with response:
-            if start and response.status != 206:  # the server ignored Range: start again
-                start = 0
-            length = response.headers.get("Content-Length")
-            total = start + int(length) if length is not None else expected_size
-            if expected_size is not None and total is not None and total != expected_size:
-                raise DownloadError(
-                    f"{url}: the server announces {total:,} bytes, expected {expected_size:,}; "
-                    f"the file changed upstream or the download is corrupt ({part} kept)"
-                )
-            with (
-                open(part, "ab" if start else "wb") as out,
-                tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name) as bar,
-            ):
-                try:
-                    while chunk := response.read(CHUNK):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-                except (http.client.HTTPException, OSError) as err:  # connection lost: keep .part to resume
-                    raise DownloadError(
-                        f"{url}: download interrupted at {out.tell():,} bytes ({err!r}); "
-                        f"run the same command again to resume from {part}"
-                    ) from err
-            if total is not None and part.stat().st_size != total:
-                raise DownloadError(
-                    f"{url}: got {part.stat().st_size:,} of {total:,} bytes; run the same command again to resume"
-                )
-
-    size = part.stat().st_size
-    if expected_size is not None and size < expected_size:
-        raise DownloadError(f"{part}: {size:,} of {expected_size:,} bytes; run the same command again to resume")
-    try:  # a .part that is complete but wrong cannot be mended by resuming: delete it
-        if expected_size is not None and size != expected_size:
-            raise DownloadError(f"{part}: {size:,} bytes, expected {expected_size:,}")
-        if expected_md5 is not None and (md5 := file_md5(part)) != expected_md5:
-            raise DownloadError(f"{part}: md5 {md5}, expected {expected_md5}")
-        if dest.name.endswith(".gz"):
-            check_gzip(part, dest.name)
-    except RuntimeError as err:
-        part.unlink()
-        raise DownloadError(f"{err}; deleted it, run the same command again to download it anew") from None
-    os.replace(part, dest)
-    return dest
-
-
-def file_md5(path):
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_gzip(path, name=None):
-    """Decompress to the end: a truncated or corrupt gzip raises here, not halfway through training."""
-    name = name or Path(path).name
-    with (
-        gzip.open(path, "rb") as f,
-        tqdm(total=Path(path).stat().st_size, unit="B", unit_scale=True, desc=f"checking {name}") as bar,
-    ):
-        raw = f.fileobj  # the compressed stream: its position drives the bar
-        try:
-            while f.read(CHUNK):
-                bar.update(raw.tell() - bar.n)
-        except (EOFError, OSError, zlib.error) as err:
-            raise DownloadError(f"{path}: not a complete gzip file ({err})") from err
-
-
-def count_lines(path):
-    with open(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(CHUNK), b""))
 
 
 def check_line_count(path, name=None):
@@ -217,18 +120,16 @@ def extract_from_tar(archive, members, data_dir):
                 name = Path(member.name).name
                 if name not in wanted or not member.isfile():
                     continue
-                dest = wanted.pop(name)
-                part = dest.with_name(dest.name + ".part")
-                with (
-                    tar.extractfile(member) as src,
-                    open(part, "wb") as out,
-                    tqdm(total=member.size, unit="B", unit_scale=True, desc=f"extracting {name}") as bar,
-                ):
-                    while chunk := src.read(CHUNK):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-                check_line_count(part, name)
-                os.replace(part, dest)
+                with atomic_path(wanted.pop(name)) as part:
+                    with (
+                        tar.extractfile(member) as src,
+                        open(part, "wb") as out,
+                        tqdm(total=member.size, unit="B", unit_scale=True, desc=f"extracting {name}") as bar,
+                    ):
+                        while chunk := src.read(CHUNK):
+                            out.write(chunk)
+                            bar.update(len(chunk))
+                    check_line_count(part, name)
     except (EOFError, tarfile.TarError, OSError, zlib.error) as err:
         raise DownloadError(f"{archive}: cannot be read to the end ({err}); delete it and download again") from err
     if wanted:
@@ -236,11 +137,11 @@ def extract_from_tar(archive, members, data_dir):
 
 
 def gunzip(src, dest):
-    dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
-    with gzip.open(src, "rb") as f, open(part, "wb") as out:
-        shutil.copyfileobj(f, out, CHUNK)
-    os.replace(part, dest)
+    try:
+        with atomic_path(dest) as part, gzip.open(src, "rb") as f, open(part, "wb") as out:
+            shutil.copyfileobj(f, out, CHUNK)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise DownloadError(f"{src}: not a complete gzip file ({err}); delete it and download again") from err
 
 
 def fetch(name, data_dir):
@@ -267,14 +168,33 @@ def download_queries(data_dir):
     return Path(data_dir) / TRAIN_QUERIES
 
 
+def fetch_from_hub(name, data_dir):
+    """A file of the Hugging Face dataset HF_DATASET, into data_dir/name (huggingface_hub keeps its
+    resume state and metadata under data_dir/.cache/huggingface)."""
+    dest = Path(data_dir) / name
+    if dest.exists():
+        return dest  # no request at all: training works offline once the files are there
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id=HF_DATASET, repo_type="dataset", filename=name, local_dir=data_dir))
+    except (OSError, EntryNotFoundError) as err:  # HTTP errors, no connection, disk full: all user-fixable
+        raise DownloadError(
+            f"download of {name} from the Hugging Face dataset {HF_DATASET} failed ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); run the same command again to resume, set HF_ENDPOINT "
+            f"for a mirror, or put the file at {dest}"
+        ) from err
+
+
 def download_hard_negatives(data_dir):
     """msmarco-hard-negatives.jsonl.gz (sentence-transformers/msmarco-hard-negatives on Hugging Face)."""
-    return fetch(HARD_NEGATIVES_FILE, data_dir)
+    return fetch_from_hub(HARD_NEGATIVES_FILE, data_dir)
 
 
 def download_ce_scores(data_dir):
     """cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz (same dataset). Loaded only by data.ce_scores."""
-    return fetch(CE_SCORES_FILE, data_dir)
+    return fetch_from_hub(CE_SCORES_FILE, data_dir)
 
 
 def download_dev_small(data_dir):
@@ -292,11 +212,10 @@ def download_dev_small(data_dir):
         download_queries(data_dir)
         with open(qrels, "rb") as f:
             judged = {line.split(b"\t", 1)[0] for line in f if line.strip()}
-        part = dest.with_name(dest.name + ".part")
-        with open(data_dir / "queries.dev.tsv", "rb") as src, open(part, "wb") as out:
-            out.writelines(line for line in src if line.split(b"\t", 1)[0] in judged)
-        check_line_count(part, dest.name)
-        os.replace(part, dest)
+        with atomic_path(dest) as part:
+            with open(data_dir / "queries.dev.tsv", "rb") as src, open(part, "wb") as out:
+                out.writelines(line for line in src if line.split(b"\t", 1)[0] in judged)
+            check_line_count(part, dest.name)
     return dest, qrels
 
 
@@ -307,6 +226,39 @@ def download_trec_dl(data_dir, year):
     if not queries.exists():
         gunzip(fetch(f"msmarco-test{year}-queries.tsv.gz", data_dir), queries)
     return queries, fetch(f"{year}qrels-pass.txt", data_dir)
+
+
+def download_beir(name, root, url_template=BEIR_URL):
+    """A BEIR set's zip (once, resumable) unpacked into root/name; the zip is deleted afterwards."""
+    target = Path(root) / name
+    if target.is_dir():
+        return target
+    url = url_template.format(name=name)
+    try:
+        archive = download_file(url, Path(root) / f"{name}.zip")
+    except DownloadError as err:
+        raise DownloadError(f"BEIR set {name!r}: {err}; or pass a local folder in BEIR layout instead") from err
+    unpack_beir_zip(archive, target)
+    archive.unlink()
+    return target
+
+
+def unpack_beir_zip(archive, target):
+    """Unpack a BEIR zip (one top folder holding corpus/queries/qrels) into target, which appears only when
+    complete (unpacked beside it, then renamed)."""
+    target = Path(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(staging)  # zipfile drops absolute paths and '..' components
+        tops = [p for p in staging.iterdir() if p.is_dir()]
+        source = tops[0] if len(tops) == 1 and not (staging / "qrels").is_dir() else staging
+        os.replace(source, target)
+    except zipfile.BadZipFile as err:
+        raise DownloadError(f"{archive}: not a valid zip file ({err}); delete it and try again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def download_train(data_dir):
@@ -326,26 +278,25 @@ def download_eval(data_dir):
 def file_lock(path):
     """An exclusive lock on `path` (created if needed), so that several processes (one per GPU under
     torchrun) do not download, extract or unpickle the same file at once: one works, the others wait."""
+    lock = FileLock(path)
     try:
-        f = open(path, "a")
+        lock.acquire()
     except OSError:  # a read-only folder: nothing will be written there either, so no lock is needed
         yield
         return
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def train_file_paths(data_dir, download):
-    """Paths of the four training files; missing ones are downloaded, or named in a FileNotFoundError."""
+    """Paths of the four training files; missing ones are downloaded, or named in a MissingDataError."""
     data_dir = Path(data_dir)
     paths = {name: data_dir / name for name in TRAIN_FILES}
     missing = [name for name, path in paths.items() if not path.exists()]
     if missing and not download:
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"missing in {data_dir}: {', '.join(missing)}. Download with: {download_command(data_dir)}"
         )
     if missing:
@@ -368,4 +319,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main_exits_2_on_user_error(main)

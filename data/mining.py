@@ -1,124 +1,39 @@
-"""Training examples for train_max.py and train_distill.py, mined as SPEC.md says.
+"""Training examples for train_max.py and train_distill.py, mined as the original scripts did.
 
     ts = mine_max_examples("msmarco-data")      # Splade_max: CE-filtered hard negatives
     ts = mine_distill_examples("msmarco-data")  # DistilSplade: hard negatives + CE margins as labels
 
-Memory: passages and query texts live in one utf-8 buffer each (TextTable), ids and scores in numpy
-arrays; only the passages and scores the kept examples reference are kept. The mining report (ts.report)
-says what was read, kept and dropped, and why.
+From the inside out:
+- data.mining_rule.mine_query() is the rule for one line of the hard-negatives file: which positives and
+  negatives its query trains on, or why it gives no example (a pure function);
+- _read_lines() reads the file, applies the rule and keeps the kept lines' data in flat arrays (_KeptLines);
+- _build_training_set() loads the passages those lines need, drops what the collection lacks, shuffles each
+  query's negatives once and writes the mining report (ts.report: what was read, kept and dropped, and why).
+
+Only the passages and scores that the kept examples reference stay in memory (see data.training_set).
 """
 
-import json
-import math
 import resource
 import time
 from array import array
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from data.ce_scores import load_ce_scores
 from data.download import CE_SCORES_FILE, COLLECTION, HARD_NEGATIVES_FILE, TRAIN_QUERIES, train_file_paths
+from data.mining_rule import mine_query
 from data.readers import iter_hard_negatives, iter_id_text, read_queries
+from data.training_set import TextTable, TrainingSet, format_report
+from errors import UserError, main_exits_2_on_user_error
+
+__all__ = ["MiningError", "TextTable", "TrainingSet", "format_report", "mine_distill_examples", "mine_max_examples"]
 
 
-class TextTable:
-    """Texts by id, in one utf-8 buffer: the text of row k is blob[offsets[k]:offsets[k + 1]].
-
-    8.8M passages as Python str would cost ~2x their size in object headers; here they cost their bytes.
-    """
-
-    def __init__(self, ids, blob, offsets):
-        self.ids = np.asarray(ids, dtype=np.int64)
-        self.blob = blob
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self._order = None  # argsort of ids, made on the first index_of
-
-    @classmethod
-    def from_items(cls, items):
-        ids, offsets, blob = array("q"), array("q", [0]), bytearray()
-        for id_, text in items:
-            ids.append(id_)
-            blob += text
-            offsets.append(len(blob))
-        return cls(np.frombuffer(ids, dtype=np.int64), np.frombuffer(blob, dtype=np.uint8), offsets)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def text(self, k):
-        # errors="replace": a stray invalid byte must not stop a 30-epoch run halfway.
-        return self.blob[self.offsets[k] : self.offsets[k + 1]].tobytes().decode("utf-8", errors="replace")
-
-    def index_of(self, ids):
-        """Row of each id, -1 where the table does not have it."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(self) == 0:
-            return np.full(len(ids), -1, dtype=np.int64)
-        if self._order is None:
-            self._order = np.argsort(self.ids, kind="stable")
-        sorted_ids = self.ids[self._order]
-        at = np.minimum(np.searchsorted(sorted_ids, ids), len(self) - 1)
-        return np.where(sorted_ids[at] == ids, self._order[at], -1)
-
-    def subset(self, rows):
-        """A table with only the given rows (in that order)."""
-        blob, offsets, src = bytearray(), array("q", [0]), memoryview(self.blob)
-        for k in np.asarray(rows, dtype=np.int64).tolist():
-            blob += src[self.offsets[k] : self.offsets[k + 1]]
-            offsets.append(len(blob))
-        return TextTable(self.ids[rows], np.frombuffer(blob, dtype=np.uint8), offsets)
-
-
-class TrainingSet:
-    """The mined training queries: for query i, positives pos[pos_ptr[i]:pos_ptr[i+1]] in file order and
-    negatives neg[neg_ptr[i]:neg_ptr[i+1]] shuffled once from the seed; both are rows of `passages`."""
-
-    def __init__(self, queries, pos_ptr, pos_idx, pos_ce, neg_ptr, neg_idx, neg_ce, passages, report):
-        self.queries = queries  # TextTable: row i = training query i, ids = qids
-        self.pos_ptr, self.pos_idx, self.pos_ce = pos_ptr, pos_idx, pos_ce
-        self.neg_ptr, self.neg_idx, self.neg_ce = neg_ptr, neg_idx, neg_ce
-        self.passages = passages
-        self.report = report
-
-    def __len__(self):
-        return len(self.queries)
-
-    @property
-    def qids(self):
-        return self.queries.ids
-
-    def rotation(self, i, epoch):
-        """Entries (into pos_idx / neg_idx) that query(s) i take in epoch(s) e: pos[e mod |pos|], neg[e mod |neg|]."""
-        i, epoch = np.asarray(i), np.asarray(epoch)
-        n_pos = self.pos_ptr[i + 1] - self.pos_ptr[i]
-        n_neg = self.neg_ptr[i + 1] - self.neg_ptr[i]
-        return self.pos_ptr[i] + epoch % n_pos, self.neg_ptr[i] + epoch % n_neg
-
-    def example(self, i, epoch):
-        """(query, positive, negative, label) of query i in epoch `epoch`; label = CE(pos) - CE(neg)."""
-        p, n = self.rotation(i, epoch)
-        return (
-            self.queries.text(i),
-            self.passages.text(self.pos_idx[p]),
-            self.passages.text(self.neg_idx[n]),
-            float(self.pos_ce[p]) - float(self.neg_ce[n]),
-        )
-
-    def texts(self):
-        """Every query and passage text of the set (e.g. to train a tokenizer on the sample)."""
-        for i in range(len(self.queries)):
-            yield self.queries.text(i)
-        for k in range(len(self.passages)):
-            yield self.passages.text(k)
-
-    def save_report(self, path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.report, indent=2) + "\n")
-
-    def format_report(self):
-        return format_report(self.report)
+class MiningError(UserError, ValueError):
+    """Mining parameters that cannot work (an unknown system, nothing left to train on); says what to try."""
 
 
 def mine_max_examples(
@@ -137,33 +52,118 @@ def mine_max_examples(
     and gets num_negs_per_system random negatives drawn, from the seed, among the other queries' mined
     negatives (never its own positives); the report counts them.
     """
-    return _mine(
-        data_dir,
-        distill=False,
-        num_negs_per_system=num_negs_per_system,
-        negs_to_use=negs_to_use,
-        ce_score_margin=ce_score_margin,
-        use_all_queries=use_all_queries,
-        max_passages=0,
-        seed=seed,
-        download=download,
-    )
+    params = dict(num_negs_per_system=num_negs_per_system, negs_to_use=negs_to_use, ce_score_margin=ce_score_margin)
+    params.update(use_all_queries=use_all_queries, max_passages=0, seed=seed)
+    return _mine(data_dir, "train_max", params, download)
 
 
-def mine_distill_examples(data_dir, num_negs_per_system=5, negs_to_use=None, max_passages=0, seed=42, download=True):
-    """DistilSplade examples: no CE filter; label = CE(pos) - CE(neg); max_passages caps the number of
-    training queries (the first ones kept, in file order; 0 = no cap)."""
-    return _mine(
-        data_dir,
-        distill=True,
-        num_negs_per_system=num_negs_per_system,
-        negs_to_use=negs_to_use,
-        ce_score_margin=None,
-        use_all_queries=False,
-        max_passages=max_passages,
-        seed=seed,
-        download=download,
-    )
+def mine_distill_examples(
+    data_dir, num_negs_per_system=5, negs_to_use=None, max_passages=0, use_all_queries=False, seed=42, download=True
+):
+    """DistilSplade examples: no CE filter; label = CE(pos) - CE(neg).
+
+    max_passages: stop reading once this many queries are kept (0 = no cap); a repeated qid does not count twice.
+    use_all_queries: a query without positives is kept too; every epoch it takes two of its negatives, the
+    first as the "positive" (label CE(n1) - CE(n2)), as the original did. The report counts them.
+    """
+    params = dict(num_negs_per_system=num_negs_per_system, negs_to_use=negs_to_use, ce_score_margin=None)
+    params.update(use_all_queries=use_all_queries, max_passages=max_passages, seed=seed)
+    return _mine(data_dir, "train_distill", params, download)
+
+
+# Reading the file
+
+
+class _KeptLines:
+    """The kept lines' data in flat arrays, in file order.
+
+    The original stored train_queries[qid] = {...}: a later kept line of the same qid replaces the earlier
+    line's data and keeps its place. `latest` does the same, so len(self) is the original's len(train_queries).
+    """
+
+    def __init__(self):
+        self.qids = array("q")
+        self.pos_pid, self.pos_ce, self.pos_count = array("i"), array("f"), array("i")
+        self.neg_pid, self.neg_ce, self.neg_system, self.neg_count = array("i"), array("f"), array("h"), array("i")
+        self.latest = {}  # qid -> its latest kept line; a dict keeps the first-kept order
+        self.replaced = 0
+
+    def __len__(self):
+        return len(self.latest)
+
+    def add(self, qid, mined, scores, system_ids):
+        self.replaced += qid in self.latest
+        self.latest[qid] = len(self.qids)
+        self.qids.append(qid)
+        for pid, score in mined.positives:
+            self.pos_pid.append(pid)
+            self.pos_ce.append(score)
+        self.pos_count.append(len(mined.positives))
+        for pid, system in mined.negatives:
+            self.neg_pid.append(pid)
+            self.neg_ce.append(scores[pid])
+            self.neg_system.append(system_ids[system])
+        self.neg_count.append(len(mined.negatives))
+
+    def arrays(self):
+        """numpy copies, one row per kept query in first-kept order, holding its latest line's data."""
+        a = {name: np.frombuffer(v, dtype=v.typecode).copy() for name, v in vars(self).items() if isinstance(v, array)}
+        if self.replaced:  # keep the latest line of each qid, at its first line's place
+            lines = np.fromiter(self.latest.values(), dtype=np.int64, count=len(self.latest))
+            pos_entries, neg_entries = _entries_of(a["pos_count"], lines), _entries_of(a["neg_count"], lines)
+            for name in ("pos_pid", "pos_ce"):
+                a[name] = a[name][pos_entries]
+            for name in ("neg_pid", "neg_ce", "neg_system"):
+                a[name] = a[name][neg_entries]
+            for name in ("qids", "pos_count", "neg_count"):
+                a[name] = a[name][lines]
+        return a
+
+
+def _entries_of(counts, lines):
+    """Indexes of the entries of `lines`, in that order, in a flat array where line k owns counts[k] entries."""
+    starts = np.concatenate([[0], np.cumsum(counts)])[lines]
+    sizes = counts[lines]
+    return np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(sizes.sum())
+
+
+@dataclass
+class _Counts:
+    read: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    positives_skipped: Counter = field(default_factory=Counter)
+    negatives_skipped: Counter = field(default_factory=Counter)
+
+
+def _read_lines(path, queries, ce, rule, requested, max_passages):
+    """Apply the rule to every line of the hard-negatives file: (_KeptLines, _Counts, systems seen in file order)."""
+    kept, counts = _KeptLines(), _Counts()
+    systems_seen = {}  # an ordered set: the union of systems over the file, in first-seen order
+    for _lineno, qid, pos, neg in iter_hard_negatives(path):
+        if max_passages and len(kept) >= max_passages:
+            break
+        counts.read += 1
+        for system in neg:
+            systems_seen.setdefault(system, len(systems_seen))
+        if not pos and not rule["keep_without_positive"]:  # first, as the original: its reason is no_positive
+            counts.dropped["no_positive"] += 1
+            continue
+        if qid not in queries:
+            counts.dropped["qid_not_in_queries_file"] += 1
+            continue
+        scores = ce.row(qid)
+        if scores is None:
+            counts.dropped["qid_not_in_ce_scores"] += 1
+            continue
+        mined = mine_query(pos, neg, scores, systems=requested or systems_seen, **rule)
+        counts.positives_skipped.update(mined.positives_skipped)
+        counts.negatives_skipped.update(mined.negatives_skipped)
+        if mined.dropped:
+            counts.dropped[mined.dropped] += 1
+        else:
+            kept.add(qid, mined, scores, systems_seen)
+    counts.dropped["qid_repeated_in_file"] += kept.replaced  # the replaced lines
+    return kept, counts, systems_seen
 
 
 def _systems_list(negs_to_use):
@@ -175,211 +175,166 @@ def _systems_list(negs_to_use):
     return [s.strip() for s in negs_to_use if s.strip()] or None
 
 
-def _mine(
-    data_dir,
-    *,
-    distill,
-    num_negs_per_system,
-    negs_to_use,
-    ce_score_margin,
-    use_all_queries,
-    max_passages,
-    seed,
-    download,
-):
+def _mine(data_dir, script, params, download):
     start = time.time()
-    if num_negs_per_system < 1:
-        raise ValueError(f"num_negs_per_system must be >= 1, got {num_negs_per_system}")
+    if params["num_negs_per_system"] < 1:
+        raise MiningError(f"num_negs_per_system must be >= 1, got {params['num_negs_per_system']}; the original used 5")
+    params["negs_to_use"] = requested = _systems_list(params["negs_to_use"])
+    distill = script == "train_distill"
+    rule = dict(num_negs_per_system=params["num_negs_per_system"], ce_score_margin=params["ce_score_margin"])
+    rule.update(keep_without_positive=distill and params["use_all_queries"])
+    rule.update(keep_without_negative=not distill and params["use_all_queries"])
+
     paths = train_file_paths(data_dir, download)
-    requested = _systems_list(negs_to_use)
     ce = load_ce_scores(paths[CE_SCORES_FILE])
     queries = read_queries(paths[TRAIN_QUERIES])
-
-    dropped, pos_skipped, neg_skipped, per_system = Counter(), Counter(), Counter(), Counter()
-    systems_seen = {}  # an ordered set: the union of systems over the file, in first-seen order
-    seen_qids = set()
-    kept_qids = array("q")
-    pos_pids, pos_ce, pos_count = array("i"), array("f"), array("i")
-    neg_pids, neg_ce, neg_count = array("i"), array("f"), array("i")
-    without_negatives = []  # kept queries that get random negatives (max + use_all_queries)
-    read = 0
-
-    for _lineno, qid, pos, neg in iter_hard_negatives(paths[HARD_NEGATIVES_FILE]):
-        if max_passages and len(kept_qids) >= max_passages:
-            break
-        read += 1
-        for system in neg:
-            systems_seen.setdefault(system, len(systems_seen))
-        if qid in seen_qids:
-            dropped["qid_repeated_in_file"] += 1
-            continue
-        seen_qids.add(qid)
-        if not pos:
-            dropped["no_positive"] += 1
-            continue
-        if qid not in queries:
-            dropped["qid_not_in_queries_file"] += 1
-            continue
-        scores = ce.row(qid)
-        if scores is None:
-            dropped["qid_not_in_ce_scores"] += 1
-            continue
-
-        positives = list(dict.fromkeys(pos))  # file order, without repeats
-        pos_skipped["repeated"] += len(pos) - len(positives)
-        if distill:  # each positive needs a CE score for its label
-            pairs = [(p, scores[p]) for p in positives if p in scores]
-            pos_skipped["no_ce_score"] += len(positives) - len(pairs)
-        else:  # CE scores only set the threshold; a positive without one stays a positive
-            pairs = [(p, scores.get(p, math.nan)) for p in positives]
-            known = [s for _, s in pairs if not math.isnan(s)]
-            pos_skipped["no_ce_score_kept"] += len(pairs) - len(known)
-            if known:
-                threshold = min(known) - ce_score_margin
-            else:
-                pairs = []
-        if not pairs:
-            dropped["positives_without_ce_score"] += 1
-            continue
-
-        chosen = {}  # pid -> system; a dict keeps the order of choice
-        positive_set = set(positives)
-        for system in requested or systems_seen:
-            added = 0
-            for pid in neg.get(system, ()):
-                if pid in positive_set:  # never train a positive as a negative
-                    neg_skipped["is_a_positive"] += 1
-                    continue
-                if pid in chosen:
-                    neg_skipped["already_chosen"] += 1
-                    continue
-                score = scores.get(pid)
-                if score is None:  # max: cannot rule out a false negative; distill: no label
-                    neg_skipped["no_ce_score"] += 1
-                    continue
-                if not distill and score > threshold:  # likely a false negative
-                    neg_skipped["above_ce_threshold"] += 1
-                    continue
-                chosen[pid] = system
-                added += 1
-                if added >= num_negs_per_system:
-                    break
-        if not chosen:
-            if distill or not use_all_queries:
-                dropped["no_negative_left" if distill else "no_negative_after_ce_filter"] += 1
-                continue
-            without_negatives.append(len(kept_qids))
-
-        kept_qids.append(qid)
-        for p, s in pairs:
-            pos_pids.append(p)
-            pos_ce.append(s)
-        pos_count.append(len(pairs))
-        for pid, system in chosen.items():
-            neg_pids.append(pid)
-            neg_ce.append(scores[pid])
-            per_system[system] += 1
-        neg_count.append(len(chosen))
-
-    systems_used = [s for s in (requested or systems_seen) if s in systems_seen]
-    if requested and len(systems_used) < len(requested):
-        missing = [s for s in requested if s not in systems_seen]
-        raise ValueError(
-            f"negs_to_use names {missing}, which {paths[HARD_NEGATIVES_FILE]} does not have "
-            f"(in the {read:,} lines read); its systems: {list(systems_seen)}"
-        )
-    del ce, seen_qids
-
-    # array.array -> numpy (copies: writable, and the arrays' buffers are released)
-    kept_qids, pos_pids, pos_ce, pos_count, neg_pids, neg_ce, neg_count = (
-        np.frombuffer(a, dtype=a.typecode).copy()
-        for a in (kept_qids, pos_pids, pos_ce, pos_count, neg_pids, neg_ce, neg_count)
+    kept, counts, systems_seen = _read_lines(
+        paths[HARD_NEGATIVES_FILE], queries, ce, rule, requested, params["max_passages"]
     )
-
-    if without_negatives:
-        neg_pids, neg_ce, neg_count, no_pool = _add_random_negatives(
-            pos_pids, pos_count, neg_pids, neg_ce, neg_count, without_negatives, num_negs_per_system, seed
+    del ce
+    unknown = [s for s in requested or () if s not in systems_seen]
+    if unknown:
+        raise MiningError(
+            f"negs_to_use names {unknown}, which {paths[HARD_NEGATIVES_FILE]} does not have (in the {counts.read:,} "
+            f"lines read); its systems: {list(systems_seen)}. Pick among those, or leave negs_to_use empty for all."
         )
-        dropped["no_negative_and_no_random_pool"] += no_pool
+    lines = kept.arrays()
+    del kept
 
-    # Keep only the passages the examples reference: one pass over the collection.
-    needed = np.unique(np.concatenate([pos_pids, neg_pids]))
-    passages, collection_stats = _load_passages(paths[COLLECTION], needed)
+    report = {"script": script, "data_dir": str(data_dir), "params": params, "systems_in_file": list(systems_seen)}
+    report["systems_used"] = requested or list(systems_seen)
+    ts = _build_training_set(paths[COLLECTION], queries, lines, counts, params["seed"], report)
+    ts.report.update(
+        seconds=round(time.time() - start, 1),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    )
+    print(ts.format_report())
+    if len(ts) == 0:
+        raise MiningError(
+            f"no training query left in {data_dir}; the mining report above says why each was dropped "
+            "(a smaller --ce_score_margin or a larger --num_negs_per_system keeps more)"
+        )
+    return ts
 
-    # Passages missing from the collection: drop them, then the queries left without a positive or a negative.
-    pos_q = np.repeat(np.arange(len(kept_qids)), pos_count)
-    neg_q = np.repeat(np.arange(len(kept_qids)), neg_count)
-    pos_idx, neg_idx = passages.index_of(pos_pids), passages.index_of(neg_pids)
-    pos_ok, neg_ok = pos_idx >= 0, neg_idx >= 0
-    pos_skipped["not_in_collection"] += int((~pos_ok).sum())
-    neg_skipped["not_in_collection"] += int((~neg_ok).sum())
-    n_pos = np.bincount(pos_q[pos_ok], minlength=len(kept_qids))
-    n_neg = np.bincount(neg_q[neg_ok], minlength=len(kept_qids))
-    had_negatives = neg_count > 0  # the others were counted above (no random pool)
-    dropped["positives_not_in_collection"] += int(((n_pos == 0) & had_negatives).sum())
-    dropped["negatives_not_in_collection"] += int(((n_neg == 0) & (n_pos > 0) & had_negatives).sum())
-    keep_query = (n_pos > 0) & (n_neg > 0)
-    pos_keep, neg_keep = pos_ok & keep_query[pos_q], neg_ok & keep_query[neg_q]
-    renumber = np.cumsum(keep_query) - 1
-    pos_q, pos_idx, pos_ce = renumber[pos_q[pos_keep]], pos_idx[pos_keep], pos_ce[pos_keep]
-    neg_q, neg_idx, neg_ce = renumber[neg_q[neg_keep]], neg_idx[neg_keep], neg_ce[neg_keep]
-    kept_qids = kept_qids[keep_query]
-    random_negatives = int(keep_query[without_negatives].sum()) if without_negatives else 0
 
-    # Shuffle each query's negatives once: sort by a hash of (seed, qid, pid), a pure function of the data.
-    order = np.lexsort((_hash64(seed, kept_qids[neg_q], passages.ids[neg_idx]), neg_q))
-    neg_idx, neg_ce = neg_idx[order], neg_ce[order]
+# From the kept lines to the training set
 
-    # Drop the passages that only dropped queries referenced.
-    used = np.unique(np.concatenate([pos_idx, neg_idx]))
+
+def _build_training_set(collection_path, queries, lines, counts, seed, report):
+    """Passages, per-query pointers and the report of the kept lines (`lines`: _KeptLines.arrays())."""
+    systems = report["systems_in_file"]
+    per_system = np.bincount(lines["neg_system"], minlength=len(systems))  # mined negatives, not random ones
+    negatives_per_system = {s: int(per_system[systems.index(s)]) for s in report["systems_used"]}
+    without_negatives = np.flatnonzero(lines["neg_count"] == 0)  # train_max --use_all_queries
+    if len(without_negatives):
+        no_pool = _add_random_negatives(lines, without_negatives, report["params"]["num_negs_per_system"], seed)
+        counts.dropped["no_negative_and_no_random_pool"] += no_pool
+    needed = np.unique(np.concatenate([lines["pos_pid"], lines["neg_pid"]]))
+    passages, collection_stats = _load_passages(collection_path, needed)
+    ex, keep_query = _drop_missing_passages(lines, passages, counts)
+    _shuffle_negatives(ex, passages, seed)
+
+    used = np.unique(np.concatenate([ex["pos_idx"], ex["neg_idx"]]))  # drop what only dropped queries referenced
     if len(used) < len(passages):
         passages = passages.subset(used)
-        pos_idx, neg_idx = np.searchsorted(used, pos_idx), np.searchsorted(used, neg_idx)
+        ex["pos_idx"], ex["neg_idx"] = np.searchsorted(used, ex["pos_idx"]), np.searchsorted(used, ex["neg_idx"])
 
-    query_table = TextTable.from_items((q, queries[q]) for q in kept_qids.tolist())
-    del queries
-    n = len(kept_qids)
-    pos_ptr = np.concatenate([[0], np.cumsum(np.bincount(pos_q, minlength=n))]).astype(np.int64)
-    neg_ptr = np.concatenate([[0], np.cumsum(np.bincount(neg_q, minlength=n))]).astype(np.int64)
+    query_table = TextTable.from_items((q, queries[q]) for q in ex["qids"].tolist())
+    n = len(ex["qids"])
+    pos_ptr = np.concatenate([[0], np.cumsum(np.bincount(ex["pos_q"], minlength=n))]).astype(np.int64)
+    neg_ptr = np.concatenate([[0], np.cumsum(np.bincount(ex["neg_q"], minlength=n))]).astype(np.int64)
     neg_per_query = np.diff(neg_ptr)
-
-    report = {
-        "script": "train_distill" if distill else "train_max",
-        "data_dir": str(data_dir),
-        "params": {
-            "num_negs_per_system": num_negs_per_system,
-            "negs_to_use": requested,
-            "ce_score_margin": ce_score_margin,
-            "use_all_queries": use_all_queries,
-            "max_passages": max_passages,
-            "seed": seed,
-        },
-        "systems_in_file": list(systems_seen),
-        "systems_used": systems_used,
-        "queries_read": read,
-        "queries_kept": n,
-        "queries_dropped": dict(sorted((k, v) for k, v in dropped.items() if v)),
-        "queries_with_random_negatives": random_negatives,
-        "positives": int(len(pos_idx)),
-        "positives_skipped": dict(sorted((k, v) for k, v in pos_skipped.items() if v)),
-        "negatives": int(len(neg_idx)),
-        "negatives_per_system": {s: per_system[s] for s in systems_used},
-        "negatives_skipped": dict(sorted((k, v) for k, v in neg_skipped.items() if v)),
-        "negatives_per_query": {
+    report.update(
+        queries_read=counts.read,
+        queries_kept=n,
+        queries_dropped=_sorted_nonzero(counts.dropped),
+        queries_with_random_negatives=int(keep_query[without_negatives].sum()),
+        queries_without_positive=int((np.diff(pos_ptr) == 0).sum()),  # train_distill --use_all_queries
+        positives=len(ex["pos_idx"]),
+        positives_skipped=_sorted_nonzero(counts.positives_skipped),
+        negatives=len(ex["neg_idx"]),
+        negatives_per_system=negatives_per_system,
+        negatives_skipped=_sorted_nonzero(counts.negatives_skipped),
+        negatives_per_query={
             "min": int(neg_per_query.min()) if n else 0,
             "mean": round(float(neg_per_query.mean()), 3) if n else 0.0,
             "max": int(neg_per_query.max()) if n else 0,
         },
-        "passages_referenced": len(passages),
-        "collection": collection_stats,
-        "seconds": round(time.time() - start, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        passages_referenced=len(passages),
+        collection=collection_stats,
+    )
+    return TrainingSet(
+        query_table, pos_ptr, ex["pos_idx"], ex["pos_ce"], neg_ptr, ex["neg_idx"], ex["neg_ce"], passages, report
+    )
+
+
+def _sorted_nonzero(counter):
+    return dict(sorted((k, v) for k, v in counter.items() if v))
+
+
+def _add_random_negatives(lines, queries, k, seed):
+    """Give each query in `queries` (indexes of queries without negatives) k random negatives drawn from the
+    pool of mined negatives, never one of its own positives. Updates `lines`; returns how many queries are
+    left without (empty pool)."""
+    pool = np.unique(lines["neg_pid"])
+    pos_ptr = np.concatenate([[0], np.cumsum(lines["pos_count"])])
+    neg_ptr = np.concatenate([[0], np.cumsum(lines["neg_count"])])
+    rng = np.random.default_rng([seed % 2**63, 1])
+    at, values, no_pool = [], [], 0
+    for i in queries.tolist():
+        own = set(lines["pos_pid"][pos_ptr[i] : pos_ptr[i + 1]].tolist())
+        # Draw k + |own| distinct pool entries and drop the query's own positives: O(k), not O(pool).
+        draw = pool[rng.choice(len(pool), size=min(len(pool), k + len(own)), replace=False)] if len(pool) else pool
+        picked = [p for p in draw.tolist() if p not in own][:k]
+        if not picked:
+            no_pool += 1
+            continue
+        at += [neg_ptr[i]] * len(picked)
+        values += picked
+        lines["neg_count"][i] = len(picked)
+    lines["neg_pid"] = np.insert(lines["neg_pid"], at, values).astype(np.int32)
+    lines["neg_ce"] = np.insert(lines["neg_ce"], at, np.nan).astype(np.float32)  # max training needs no CE score
+    lines["neg_system"] = np.insert(lines["neg_system"], at, -1).astype(np.int16)  # from no system
+    return no_pool
+
+
+def _drop_missing_passages(lines, passages, counts):
+    """Drop the passages missing from the collection, then the queries left without a positive (unless they
+    never had one) or without a negative. Returns the examples (positives and negatives as rows of `passages`,
+    with their query's new index) and the mask of kept queries."""
+    n = len(lines["qids"])
+    pos_q, neg_q = np.repeat(np.arange(n), lines["pos_count"]), np.repeat(np.arange(n), lines["neg_count"])
+    pos_idx, neg_idx = passages.index_of(lines["pos_pid"]), passages.index_of(lines["neg_pid"])
+    pos_ok, neg_ok = pos_idx >= 0, neg_idx >= 0
+    counts.positives_skipped["not_in_collection"] += int((~pos_ok).sum())
+    counts.negatives_skipped["not_in_collection"] += int((~neg_ok).sum())
+    n_pos, n_neg = np.bincount(pos_q[pos_ok], minlength=n), np.bincount(neg_q[neg_ok], minlength=n)
+    had_negatives = lines["neg_count"] > 0  # the others were counted already (no random pool)
+    lost_positives = (lines["pos_count"] > 0) & (n_pos == 0) & had_negatives
+    counts.dropped["positives_not_in_collection"] += int(lost_positives.sum())
+    counts.dropped["negatives_not_in_collection"] += int(((n_neg == 0) & ~lost_positives & had_negatives).sum())
+    keep_query = ~lost_positives & (n_neg > 0)
+
+    pos_keep, neg_keep = pos_ok & keep_query[pos_q], neg_ok & keep_query[neg_q]
+    renumber = np.cumsum(keep_query) - 1
+    examples = {
+        "qids": lines["qids"][keep_query],
+        "pos_q": renumber[pos_q[pos_keep]],
+        "pos_idx": pos_idx[pos_keep],
+        "pos_ce": lines["pos_ce"][pos_keep],
+        "neg_q": renumber[neg_q[neg_keep]],
+        "neg_idx": neg_idx[neg_keep],
+        "neg_ce": lines["neg_ce"][neg_keep],
     }
-    ts = TrainingSet(query_table, pos_ptr, pos_idx, pos_ce, neg_ptr, neg_idx, neg_ce, passages, report)
-    print(ts.format_report())
-    if n == 0:
-        raise ValueError(f"no training query left in {data_dir}; see the mining report above")
-    return ts
+    return examples, keep_query
+
+
+def _shuffle_negatives(examples, passages, seed):
+    """Each query's negatives in one shuffled order: sorted by a hash of (seed, qid, pid), a pure function of
+    the data. (neg_q is sorted already and stays so.)"""
+    ex = examples
+    order = np.lexsort((_hash64(seed, ex["qids"][ex["neg_q"]], passages.ids[ex["neg_idx"]]), ex["neg_q"]))
+    ex["neg_idx"], ex["neg_ce"] = ex["neg_idx"][order], ex["neg_ce"][order]
 
 
 def _hash64(seed, a, b):
@@ -394,33 +349,6 @@ def _hash64(seed, a, b):
     with np.errstate(over="ignore"):
         s = mix(np.full(1, seed % 2**64, dtype=np.uint64))
         return mix(mix(s ^ np.asarray(a).astype(np.uint64)) ^ np.asarray(b).astype(np.uint64))
-
-
-def _add_random_negatives(pos_pids, pos_count, neg_pids, neg_ce, neg_count, queries, k, seed):
-    """Give each query in `queries` (indexes, which have no negatives) k random negatives drawn from
-    the pool of mined negatives, never one of its own positives.
-
-    Returns the new neg arrays and the number of queries left without (empty pool).
-    """
-    pool = np.unique(neg_pids)
-    pos_ptr = np.concatenate([[0], np.cumsum(pos_count)])
-    neg_ptr = np.concatenate([[0], np.cumsum(neg_count)])
-    rng = np.random.default_rng([seed % 2**63, 1])
-    at, values, no_pool = [], [], 0
-    for i in queries:
-        own = set(pos_pids[pos_ptr[i] : pos_ptr[i + 1]].tolist())
-        # Draw k + |own| distinct pool entries and drop the query's own positives: O(k), not O(pool).
-        draw = pool[rng.choice(len(pool), size=min(len(pool), k + len(own)), replace=False)] if len(pool) else pool
-        picked = [p for p in draw.tolist() if p not in own][:k]
-        if not picked:
-            no_pool += 1
-            continue
-        at += [neg_ptr[i]] * len(picked)
-        values += picked
-        neg_count[i] = len(picked)
-    neg_pids = np.insert(neg_pids, at, values).astype(np.int32)
-    neg_ce = np.insert(neg_ce, at, np.nan).astype(np.float32)  # no CE score: max training needs none
-    return neg_pids, neg_ce, neg_count, no_pool
 
 
 def _load_passages(path, needed):
@@ -446,38 +374,6 @@ def _load_passages(path, needed):
     return table, {"lines_read": stats["lines_read"], "repeated_ids": stats["repeated_ids"]}
 
 
-def format_report(report):
-    """The mining report as text, for the console and the log."""
-    lines = [
-        f"Mining report ({report['script']}, {report['data_dir']})",
-        f"  params: {json.dumps(report['params'])}",
-        f"  systems used: {', '.join(report['systems_used'])}",
-    ]
-    unused = [s for s in report["systems_in_file"] if s not in report["systems_used"]]
-    if unused:
-        lines.append(f"  systems in file, not used: {', '.join(unused)}")
-    lines += [
-        f"  queries read: {report['queries_read']:,}  kept: {report['queries_kept']:,}",
-        *(f"    dropped, {reason}: {count:,}" for reason, count in report["queries_dropped"].items()),
-    ]
-    if report["queries_with_random_negatives"]:
-        lines.append(f"    kept with random negatives (use_all_queries): {report['queries_with_random_negatives']:,}")
-    lines.append(f"  positives: {report['positives']:,}")
-    lines += [f"    skipped, {reason}: {count:,}" for reason, count in report["positives_skipped"].items()]
-    q = report["negatives_per_query"]
-    lines.append(f"  negatives: {report['negatives']:,} (per query min {q['min']}, mean {q['mean']}, max {q['max']})")
-    lines += [f"    from {system}: {count:,}" for system, count in report["negatives_per_system"].items()]
-    lines += [f"    skipped, {reason}: {count:,}" for reason, count in report["negatives_skipped"].items()]
-    c = report["collection"]
-    lines.append(
-        f"  passages referenced: {report['passages_referenced']:,} (collection lines read: {c['lines_read']:,}"
-        + (f", repeated ids ignored: {c['repeated_ids']:,}" if c["repeated_ids"] else "")
-        + ")"
-    )
-    lines.append(f"  took {report['seconds']} s, peak RSS {report['peak_rss_mb']:,} MB")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     """python -m data.mining {max,distill} [--data_dir DIR] [...]: mine once, print and save the report.
 
@@ -491,7 +387,11 @@ def main(argv=None):
     parser.add_argument("--num_negs_per_system", type=int, default=5)
     parser.add_argument("--negs_to_use", default=None, help="comma list of systems (default: all in the file)")
     parser.add_argument("--ce_score_margin", type=float, default=3.0, help="max only")
-    parser.add_argument("--use_all_queries", action="store_true", help="max only")
+    parser.add_argument(
+        "--use_all_queries",
+        action="store_true",
+        help="max: keep queries left without negatives (random ones); distill: keep queries without positives",
+    )
     parser.add_argument("--max_passages", type=int, default=0, help="distill only: cap on training queries")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--report", help="write the report as JSON to this path")
@@ -500,13 +400,12 @@ def main(argv=None):
     common = dict(
         num_negs_per_system=args.num_negs_per_system,
         negs_to_use=args.negs_to_use,
+        use_all_queries=args.use_all_queries,
         seed=args.seed,
         download=not args.no_download,
     )
     if args.script == "max":
-        ts = mine_max_examples(
-            args.data_dir, ce_score_margin=args.ce_score_margin, use_all_queries=args.use_all_queries, **common
-        )
+        ts = mine_max_examples(args.data_dir, ce_score_margin=args.ce_score_margin, **common)
     else:
         ts = mine_distill_examples(args.data_dir, max_passages=args.max_passages, **common)
     if args.report:
@@ -514,4 +413,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main_exits_2_on_user_error(main)

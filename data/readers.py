@@ -1,4 +1,11 @@
-"""Streaming readers for the MS MARCO training files. Errors name the file, the line and the problem."""
+"""One reader per file format, shared by training and evaluation. Errors name the file, the line and the problem.
+
+iter_tsv_lines     `id TAB text` (collection.tsv, queries.*.tsv; gzip too): the one TSV parser
+iter_id_text       training: (int id, text bytes) from a TSV, ids checked to fit int32
+iter_jsonl         one JSON object per line (BEIR corpus/queries, the hard negatives; gzip too)
+iter_hard_negatives  the checked records of msmarco-hard-negatives.jsonl.gz
+read_corpus / read_query_texts / read_qrels   evaluation: TSV or BEIR JSONL, and TREC/BEIR qrels
+"""
 
 import gzip
 import json
@@ -14,37 +21,50 @@ MAX_ID = 2**31 - 1  # MS MARCO ids are < 9M; ids are kept in int32 arrays
 
 
 class DataError(UserError, ValueError):
-    """A data file is malformed. The message says which file, which line and what is wrong."""
+    """A data file is missing or malformed. The message says which file, which line and what is wrong."""
 
 
-def iter_id_text(path, desc=None):
-    """Yield (id, text_bytes) from a `id \\t text` file (collection.tsv, queries.*.tsv).
+def open_binary(path):
+    """The file's bytes, decompressed if its name ends in .gz; a missing file is a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
-    Bytes, not str: the collection is 3 GB and we keep only the passages we need, decoded when used.
+
+def iter_tsv_lines(path, desc=None):
+    """Yield (lineno, key, text) as bytes from a `key \\t text` file, skipping blank lines.
+
+    Bytes, not str: the collection is 3 GB and training keeps only the passages it needs, decoded when used.
     """
     path = Path(path)
     with (
-        open(path, "rb") as f,
+        open_binary(path) as f,
         tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc or f"reading {path.name}") as bar,
     ):
-        done = 0
+        raw = getattr(f, "fileobj", f)  # for a gzip, the compressed stream: its position drives the bar
         for lineno, line in enumerate(f, 1):
+            if lineno % PROGRESS_EVERY == 0:
+                bar.update(raw.tell() - bar.n)
             key, tab, text = line.partition(b"\t")
             if not tab:
                 if not line.strip():
                     continue  # a blank line (e.g. at the end) carries nothing
                 raise DataError(f"{path}:{lineno}: expected `id<TAB>text`, found {line[:80]!r}")
-            try:
-                id_ = int(key)
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: id {key[:40]!r} is not an integer") from None
-            if not 0 <= id_ <= MAX_ID:
-                raise DataError(f"{path}:{lineno}: id {id_} is out of range [0, {MAX_ID}]")
-            yield id_, text.rstrip(b"\r\n")
-            done += len(line)
-            if lineno % PROGRESS_EVERY == 0:
-                bar.update(done - bar.n)
-        bar.update(done - bar.n)
+            yield lineno, key, text.rstrip(b"\r\n")
+        bar.update(raw.tell() - bar.n)
+
+
+def iter_id_text(path, desc=None):
+    """Yield (id, text_bytes) from a `id \\t text` file (collection.tsv, queries.*.tsv) with integer ids."""
+    for lineno, key, text in iter_tsv_lines(path, desc):
+        try:
+            id_ = int(key)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: id {key[:40]!r} is not an integer") from None
+        if not 0 <= id_ <= MAX_ID:
+            raise DataError(f"{path}:{lineno}: id {id_} is out of range [0, {MAX_ID}]")
+        yield id_, text
 
 
 def read_queries(path):
@@ -62,42 +82,137 @@ def _check_ids(path, lineno, what, ids):
     return ids
 
 
+def iter_jsonl(path, desc=None):
+    """Yield (lineno, object) for each non-blank line of a JSON-lines file (gzip too).
+
+    A line that is not a JSON object, a truncated or corrupt gzip raise DataError with the file and line.
+    """
+    path = Path(path)
+    lineno = 0
+    try:
+        with (
+            open_binary(path) as f,
+            tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc or f"reading {path.name}") as bar,
+        ):
+            raw = getattr(f, "fileobj", f)  # for a gzip, the compressed stream: its position drives the bar
+            for lineno, line in enumerate(f, 1):
+                if lineno % 1000 == 0:
+                    bar.update(raw.tell() - bar.n)
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({err})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, found {type(record).__name__}")
+                yield lineno, record
+            bar.update(raw.tell() - bar.n)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise DataError(
+            f"{path}: truncated or corrupt gzip after line {lineno} ({err}); delete it and download it again"
+        ) from None
+
+
 def iter_hard_negatives(path):
     """Yield (lineno, qid, pos, neg) from msmarco-hard-negatives.jsonl.gz.
 
     Each line is `{"qid": int, "pos": [pid, ...], "neg": {system: [pid, ...]}}`. A malformed line, a
     truncated or corrupt gzip raise DataError with the file and line number.
     """
-    path = Path(path)
-    lineno = 0
-    try:
-        with (
-            open(path, "rb") as raw,
-            gzip.GzipFile(fileobj=raw) as f,
-            tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}") as bar,
-        ):
-            for lineno, line in enumerate(f, 1):
-                if lineno % 1000 == 0:
-                    bar.update(raw.tell() - bar.n)  # compressed bytes consumed
-                if not line.strip():
-                    continue
-                try:
-                    data = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({err})") from None
-                if not isinstance(data, dict) or not {"qid", "pos", "neg"} <= data.keys():
-                    raise DataError(f'{path}:{lineno}: expected an object with "qid", "pos", "neg"')
-                qid, pos, neg = data["qid"], data["pos"], data["neg"]
-                if type(qid) is not int or not 0 <= qid <= MAX_ID:
-                    raise DataError(f"{path}:{lineno}: qid {qid!r} is not an int in [0, {MAX_ID}]")
-                _check_ids(path, lineno, '"pos"', pos)
-                if not isinstance(neg, dict):
-                    raise DataError(f'{path}:{lineno}: "neg" must map system names to lists of ids')
-                for system, ids in neg.items():
-                    _check_ids(path, lineno, f'"neg"["{system}"]', ids)
-                yield lineno, qid, pos, neg
-            bar.update(raw.tell() - bar.n)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-        raise DataError(
-            f"{path}: truncated or corrupt gzip after line {lineno} ({err}); delete it and download it again"
-        ) from None
+    for lineno, data in iter_jsonl(path):
+        if not {"qid", "pos", "neg"} <= data.keys():
+            raise DataError(f'{path}:{lineno}: expected an object with "qid", "pos", "neg"')
+        qid, pos, neg = data["qid"], data["pos"], data["neg"]
+        if type(qid) is not int or not 0 <= qid <= MAX_ID:
+            raise DataError(f"{path}:{lineno}: qid {qid!r} is not an int in [0, {MAX_ID}]")
+        _check_ids(path, lineno, '"pos"', pos)
+        if not isinstance(neg, dict):
+            raise DataError(f'{path}:{lineno}: "neg" must map system names to lists of ids')
+        for system, ids in neg.items():
+            _check_ids(path, lineno, f'"neg"["{system}"]', ids)
+        yield lineno, qid, pos, neg
+
+
+# Evaluation files: string ids (BEIR's are not numbers), str texts.
+
+
+def _is_jsonl(path) -> bool:
+    return ".jsonl" in Path(path).name
+
+
+def _beir_records(path, what):
+    """(lineno, id, record) of a BEIR corpus/queries file; every record needs an '_id'."""
+    for lineno, record in iter_jsonl(path, desc=f"reading {Path(path).name}"):
+        if "_id" not in record:
+            raise DataError(f"{path}:{lineno}: a {what} record needs an '_id' field")
+        yield lineno, str(record["_id"]), record
+
+
+def _check_unique(path, ids, linenos):
+    if len(set(ids)) != len(ids):
+        seen = {}
+        for doc_id, lineno in zip(ids, linenos):
+            if doc_id in seen:
+                raise DataError(f"{path}: document id {doc_id!r} appears twice (lines {seen[doc_id]} and {lineno})")
+            seen[doc_id] = lineno
+
+
+def read_corpus(path) -> tuple[list[str], list[str]]:
+    """Document ids and texts, in file order: `collection.tsv` (pid TAB passage) or a BEIR
+    `corpus.jsonl[.gz]` (text = title + " " + text, as BEIR and sentence-transformers join them)."""
+    ids, texts, linenos = [], [], []
+    if _is_jsonl(path):
+        for lineno, doc_id, record in _beir_records(path, "document"):
+            if "text" not in record:
+                raise DataError(f"{path}:{lineno}: document {doc_id!r} has no 'text' field")
+            ids.append(doc_id)
+            texts.append(f"{record.get('title') or ''} {record['text'] or ''}".strip())
+            linenos.append(lineno)
+    else:
+        for lineno, key, text in iter_tsv_lines(path):
+            ids.append(key.decode("utf-8", "replace"))
+            texts.append(text.decode("utf-8", "replace"))
+            linenos.append(lineno)
+    if not ids:
+        raise DataError(f"{path}: the corpus is empty, nothing to index")
+    _check_unique(path, ids, linenos)
+    return ids, texts
+
+
+def read_query_texts(path) -> dict[str, str]:
+    """{query id: text} from `qid TAB text` (MS MARCO / TREC) or BEIR `queries.jsonl[.gz]`."""
+    if _is_jsonl(path):
+        queries = {qid: str(record.get("text") or "") for _, qid, record in _beir_records(path, "query")}
+    else:
+        queries = {key.decode(): text.decode("utf-8", "replace") for _, key, text in iter_tsv_lines(path)}
+    if not queries:
+        raise DataError(f"{path}: no queries")
+    return queries
+
+
+def read_qrels(path) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Relevance judgments and the first line of each query id. Formats: TREC (`qid Q0 docid rel`,
+    also MS MARCO's `qid 0 pid rel`, space or tab) and BEIR (`query-id TAB corpus-id TAB score` after
+    a header line)."""
+    qrels, first_line = {}, {}
+    with open_binary(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            fields = line.decode("utf-8", "replace").split()
+            if not fields or (lineno == 1 and fields[0] == "query-id"):
+                continue
+            if len(fields) not in (3, 4):
+                raise DataError(
+                    f"{path}:{lineno}: expected 'qid Q0 docid relevance' or "
+                    f"'query-id corpus-id score', got {len(fields)} fields"
+                )
+            qid, doc_id, rel = fields[0], fields[-2], fields[-1]
+            try:
+                rel = int(rel)
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: relevance {rel!r} is not an integer") from None
+            qrels.setdefault(qid, {})[doc_id] = rel
+            first_line.setdefault(qid, lineno)
+    if not qrels:
+        raise DataError(f"{path}: no judgments")
+    return qrels, first_line

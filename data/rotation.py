@@ -1,8 +1,8 @@
 """Per-epoch rotation of positives and negatives that survives the sentence-transformers trainer.
 
-SPEC.md, "Per-epoch sampling": in epoch e each query is visited once, in shuffled order, and takes
-positive pos[e mod |pos|] and negative neg[e mod |neg|]. sentence-transformers >= 3 trains from a fixed
-`datasets.Dataset`, which would freeze one triple per query. So:
+As the original: in epoch e each query is visited once, in shuffled order, and takes positive pos[e mod |pos|]
+and negative neg[e mod |neg|] (TrainingSet.rotation; a query without positives takes neg[2e] and neg[2e + 1]).
+sentence-transformers >= 3 trains from a fixed `datasets.Dataset`, which would freeze one triple per query. So:
 
 - make_train_dataset() builds a Dataset of E x N virtual rows (one int column, "row"); row j is query
   i = j % N in epoch e = j // N, and a transform turns it into {"query", "positive", "negative"[, "label"]}
@@ -24,6 +24,12 @@ import datasets
 import numpy as np
 from sentence_transformers.base.sampler import DefaultBatchSampler
 
+from errors import UserError
+
+
+class RotationError(UserError, ValueError):
+    """A training set or an epoch count that cannot be trained (e.g. --epochs 0)."""
+
 
 class RotationTransform:
     """Maps a batch of virtual rows to texts. A plain class (not a closure) so that it pickles."""
@@ -35,15 +41,15 @@ class RotationTransform:
     def __call__(self, batch):
         rows = np.asarray(batch["row"], dtype=np.int64)
         epoch, query = np.divmod(rows, len(self.ts))
-        pos, neg = self.ts.rotation(query, epoch)
-        ts = self.ts
+        pos_rows, pos_ce, neg_rows, neg_ce = self.ts.rotation(query, epoch)
+        texts = self.ts.passages.text
         out = {
-            "query": [ts.queries.text(i) for i in query.tolist()],
-            "positive": [ts.passages.text(k) for k in ts.pos_idx[pos].tolist()],
-            "negative": [ts.passages.text(k) for k in ts.neg_idx[neg].tolist()],
+            "query": [self.ts.queries.text(i) for i in query.tolist()],
+            "positive": [texts(k) for k in pos_rows.tolist()],
+            "negative": [texts(k) for k in neg_rows.tolist()],
         }
         if self.with_labels:  # MarginMSE target: CE(query, pos) - CE(query, neg)
-            out["label"] = (ts.pos_ce[pos].astype(np.float64) - ts.neg_ce[neg].astype(np.float64)).tolist()
+            out["label"] = (pos_ce.astype(np.float64) - neg_ce.astype(np.float64)).tolist()
         return out
 
 
@@ -54,7 +60,7 @@ def make_train_dataset(training_set, epochs, with_labels=False):
     """
     n = len(training_set)
     if n == 0 or epochs < 1:
-        raise ValueError(f"need at least one query and one epoch, got {n} queries and {epochs} epochs")
+        raise RotationError(f"need at least one query and one epoch, got {n} queries and {epochs} epochs")
     dataset = datasets.Dataset.from_dict({"row": np.arange(epochs * n, dtype=np.int64)})
     dataset.set_transform(RotationTransform(training_set, with_labels))
     dataset.rotation_queries_per_epoch = n  # read by EpochRotationBatchSampler

@@ -5,66 +5,23 @@ Every test builds its files in tmp_path in the real formats (or copies data/samp
 
 import gzip
 import hashlib
-import http.server
 import io
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 import time
+import zipfile
 
 import pytest
+from local_servers import FileServer
 
 import data.download as download
 from conftest import CE, HN, SAMPLE
+from data import fetch
 from data.mining import mine_max_examples
-
-
-class FileServer:
-    """Serves {path: bytes} on 127.0.0.1 with HTTP Range; can cut the first response after N bytes."""
-
-    def __init__(self, files):
-        self.files, self.cut_after, self.ranges = files, None, []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                body = server.files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                start = 0
-                if rng := self.headers.get("Range"):
-                    server.ranges.append(rng)
-                    start = int(rng.split("=")[1].split("-")[0])
-                    if start >= len(body):
-                        self.send_error(416)
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                if server.cut_after is not None:  # announce everything, send part, hang up
-                    self.wfile.write(body[start : start + server.cut_after])
-                    server.cut_after = None
-                    self.close_connection = True
-                    return
-                self.wfile.write(body[start:])
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from errors import UserError, main_exits_2_on_user_error
 
 
 @pytest.fixture
@@ -74,6 +31,19 @@ def server():
     s.close()
 
 
+@pytest.fixture
+def hub(server, monkeypatch):
+    """The server stands in for the Hugging Face Hub, as HF_ENDPOINT=server.url would make it (the variable
+    is read when huggingface_hub is imported, hence the patch). Returns the path prefix of the dataset's files."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    return f"/datasets/{download.HF_DATASET}/resolve/main/"
+
+
 def test_download_resumes_an_interrupted_transfer(server, tmp_path):
     body = gzip.compress(os.urandom(300_000))  # incompressible: the file stays ~300 kB
     server.files["/f.gz"] = body
@@ -81,9 +51,9 @@ def test_download_resumes_an_interrupted_transfer(server, tmp_path):
     dest = tmp_path / "f.gz"
     md5 = hashlib.md5(body).hexdigest()
     with pytest.raises(RuntimeError, match="run the same command again to resume"):
-        download.download_file(server.url + "/f.gz", dest, len(body), md5)
+        fetch.download_file(server.url + "/f.gz", dest, len(body), md5)
     assert not dest.exists() and (tmp_path / "f.gz.part").stat().st_size == 100_000
-    download.download_file(server.url + "/f.gz", dest, len(body), md5)
+    fetch.download_file(server.url + "/f.gz", dest, len(body), md5)
     assert server.ranges == ["bytes=100000-"] and dest.read_bytes() == body
     assert not (tmp_path / "f.gz.part").exists()
 
@@ -92,16 +62,16 @@ def test_download_checks_size_md5_and_gzip(server, tmp_path):
     body = gzip.compress(b"x" * 1000)
     server.files["/a.gz"] = body
     with pytest.raises(RuntimeError, match="announces"):
-        download.download_file(server.url + "/a.gz", tmp_path / "a.gz", len(body) + 1)
+        fetch.download_file(server.url + "/a.gz", tmp_path / "a.gz", len(body) + 1)
     with pytest.raises(RuntimeError, match="md5"):
-        download.download_file(server.url + "/a.gz", tmp_path / "a.gz", len(body), "0" * 32)
+        fetch.download_file(server.url + "/a.gz", tmp_path / "a.gz", len(body), "0" * 32)
     assert not (tmp_path / "a.gz.part").exists()  # a wrong complete file is deleted, not resumed
     server.files["/b.gz"] = body[:-10]  # truncated gzip, size unknown upstream
     with pytest.raises(RuntimeError, match="not a complete gzip file"):
-        download.download_file(server.url + "/b.gz", tmp_path / "b.gz")
+        fetch.download_file(server.url + "/b.gz", tmp_path / "b.gz")
     assert not (tmp_path / "b.gz").exists()
     with pytest.raises(RuntimeError, match="HTTP 404"):
-        download.download_file(server.url + "/nothing", tmp_path / "c")
+        fetch.download_file(server.url + "/nothing", tmp_path / "c")
 
 
 def tar_gz(members):
@@ -114,7 +84,7 @@ def tar_gz(members):
     return buf.getvalue()
 
 
-def test_download_train_then_mine(server, tmp_path, monkeypatch):
+def test_download_train_then_mine(server, hub, tmp_path, monkeypatch):
     """download=True fetches the four files (tarballs extracted, sizes and line counts checked), then mines."""
     src = shutil.copytree(SAMPLE, tmp_path / "src")
     collection = (src / "collection.tsv").read_bytes()
@@ -130,11 +100,11 @@ def test_download_train_then_mine(server, tmp_path, monkeypatch):
                     "../../evil.tsv": b"x",
                 }
             ),
-            f"/{HN}": (src / HN).read_bytes(),
-            f"/{CE}": (src / CE).read_bytes(),
+            hub + HN: (src / HN).read_bytes(),
+            hub + CE: (src / CE).read_bytes(),
         }
     )
-    sources = {path[1:]: download.Source(server.url + path, None, None) for path in server.files}
+    sources = {path[1:]: download.Source(server.url + path, None, None) for path in server.files if "/" not in path[1:]}
     sources["queries.tar.gz"] = download.Source(
         server.url + "/queries.tar.gz", len(server.files["/queries.tar.gz"]), None
     )  # a known size
@@ -145,7 +115,12 @@ def test_download_train_then_mine(server, tmp_path, monkeypatch):
     data_dir = tmp_path / "msmarco-data"
     ts = mine_max_examples(data_dir, download=True)
     assert len(ts) == 1200
-    assert sorted(p.name for p in data_dir.iterdir() if not p.name.endswith((".npz", ".lock"))) == sorted(
+    assert (data_dir / HN).read_bytes() == (src / HN).read_bytes() and (data_dir / CE).read_bytes() == (
+        src / CE
+    ).read_bytes()
+    # huggingface_hub keeps its metadata in data_dir/.cache; .npz and .lock files are mining's cache and locks
+    names = [p.name for p in data_dir.iterdir() if not p.name.endswith((".npz", ".lock")) and p.name != ".cache"]
+    assert sorted(names) == sorted(
         [
             "collection.tar.gz",
             "collection.tsv",
@@ -216,3 +191,59 @@ def test_file_lock_makes_a_second_process_wait(tmp_path):
         waited = time.monotonic() - start
     child.wait()
     assert waited > 0.5
+
+
+def test_hub_files_come_through_huggingface_hub_and_a_hub_error_is_a_download_error(server, hub, tmp_path):
+    body = gzip.compress(b'{"qid": 1, "pos": [2], "neg": {"bm25": [3]}}\n')
+    server.files[hub + HN] = body
+    path = download.download_hard_negatives(tmp_path)
+    assert path == tmp_path / HN and path.read_bytes() == body
+    assert ("HEAD", hub + HN) in server.requests and ("GET", hub + HN) in server.requests
+    server.requests.clear()
+    assert download.download_hard_negatives(tmp_path) == path and not server.requests  # there: no request
+    with pytest.raises(download.DownloadError, match=rf"download of {CE} from the Hugging Face dataset .* failed"):
+        download.download_ce_scores(tmp_path)  # the server answers 404
+    assert not (tmp_path / CE).exists()
+
+
+def test_beir_zip_download_is_unpacked_and_a_missing_set_is_a_download_error(server, tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("toy/corpus.jsonl", '{"_id": "d1", "text": "x"}\n')
+        z.writestr("toy/queries.jsonl", '{"_id": "q1", "text": "y"}\n')
+        z.writestr("toy/qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    server.files["/toy.zip"] = buf.getvalue()
+    target = download.download_beir("toy", tmp_path / "beir", url_template=server.url + "/{name}.zip")
+    assert target == tmp_path / "beir" / "toy" and (target / "qrels" / "test.tsv").is_file()
+    assert sorted(p.name for p in (tmp_path / "beir").iterdir()) == ["toy"]  # the zip is gone
+    with pytest.raises(download.DownloadError, match=r"BEIR set 'missing': .*HTTP 404.*local folder in BEIR layout"):
+        download.download_beir("missing", tmp_path / "beir", url_template=server.url + "/{name}.zip")
+
+
+def test_command_line_exits_2_on_a_failed_download_and_a_bug_keeps_its_traceback(
+    server, hub, tmp_path, monkeypatch, capsys
+):
+    server.status = 500
+    monkeypatch.setattr(
+        download, "SOURCES", {n: download.Source(f"{server.url}/{n}", None, None) for n in download.SOURCES}
+    )
+    for what in ("eval", "train"):
+        with pytest.raises(SystemExit) as exit_status:
+            main_exits_2_on_user_error(download.main, [what, "--data_dir", str(tmp_path)])
+        assert exit_status.value.code == 2
+        message = capsys.readouterr().err
+        assert message.startswith("error: ") and "Traceback" not in message
+        assert "HTTP 500" in message
+
+    def bug(data_dir):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(download, "download_eval", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        main_exits_2_on_user_error(download.main, ["eval", "--data_dir", str(tmp_path)])
+
+
+def test_missing_training_files_without_download_are_a_user_error(tmp_path):
+    with pytest.raises(download.MissingDataError, match=r"missing in .*python -m data.download train") as err:
+        download.train_file_paths(tmp_path, download=False)
+    assert isinstance(err.value, UserError) and isinstance(err.value, FileNotFoundError)

@@ -11,14 +11,14 @@ import zipfile
 import numpy as np
 import pytest
 import pytrec_eval
-import scipy.sparse as sp
-import torch
+from local_servers import FileServer
 from sentence_transformers import SparseEncoder
 from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
 
 import evaluate
 from conftest import BEIR
-from evaluate import InputError
+from data import eval_sets, readers
+from errors import UserError, main_exits_2_on_user_error
 
 MAX_SEQ_LENGTH = 128
 
@@ -112,6 +112,7 @@ def read_run(path):
     return run
 
 
+@pytest.mark.slow  # splade-tiny encodes real collections on a CPU
 @pytest.mark.parametrize("name", ["cranfield", "cisi"])
 def test_agrees_with_sentence_transformers_evaluator(evaluation, subsets, splade_tiny_path, name):
     results, out, _ = evaluation
@@ -132,6 +133,7 @@ def test_agrees_with_sentence_transformers_evaluator(evaluation, subsets, splade
     assert 0.2 < ours["ndcg@10"] < 0.9 and 0.3 < ours["mrr@10"] <= 1  # a real model on real data
 
 
+@pytest.mark.slow  # splade-tiny encodes real collections on a CPU
 def test_metrics_json_and_run_files_agree_with_pytrec_eval(evaluation, subsets):
     results, out, _ = evaluation
     assert json.loads((out / "metrics.json").read_text()) == results
@@ -156,6 +158,7 @@ def test_metrics_json_and_run_files_agree_with_pytrec_eval(evaluation, subsets):
         assert ours["mrr@10"] == pytest.approx(np.mean([v["recip_rank"] for v in top10.values()]), abs=1e-9)
 
 
+@pytest.mark.slow  # splade-tiny encodes real collections on a CPU
 def test_cache_reuses_vectors_and_self_hit_rule_drops_only_self_ids(evaluation, subsets, splade_tiny_path, tmp_path):
     results, out, cache = evaluation
     again = evaluate.evaluate_model(
@@ -178,20 +181,7 @@ def test_cache_reuses_vectors_and_self_hit_rule_drops_only_self_ids(evaluation, 
         assert list(dropped[qid]) == [doc for doc in hits if doc != qid][: len(dropped[qid])]
 
 
-def test_encode_equals_sparse_encoder_in_input_order(splade_tiny_path):
-    texts = [doc["text"] for doc in read_beir(BEIR / "cisi")[0][:7]] + ["what is information retrieval", "a"]
-    model = evaluate.load_model(splade_tiny_path, max_seq_length=MAX_SEQ_LENGTH)
-    ours = evaluate.encode(
-        model, texts, batch_size=3, device=torch.device("cpu"), precision="fp32", show_progress=False
-    )
-    reference = SparseEncoder(splade_tiny_path, device="cpu")
-    reference.max_seq_length = MAX_SEQ_LENGTH
-    expected = reference.encode(texts, convert_to_tensor=True, convert_to_sparse_tensor=False).numpy()
-    assert isinstance(ours, sp.csr_matrix) and ours.shape == expected.shape
-    np.testing.assert_allclose(ours.toarray(), expected, atol=1e-5, rtol=0)
-    assert ours.nnz == (expected > 0).sum()
-
-
+@pytest.mark.slow  # splade-tiny encodes real collections on a CPU
 def test_msmarco_layout_through_the_command_line(splade_tiny_path, tmp_path, capsys):
     """collection.tsv + dev-small and TREC DL files in their official formats, no download."""
     corpus, queries, qrels = read_beir(BEIR / "cranfield")
@@ -241,7 +231,7 @@ def test_msmarco_layout_through_the_command_line(splade_tiny_path, tmp_path, cap
         assert lines[0].split()[1::2] == ["Q0", "1", "splade-tiny"]  # qid Q0 docid rank score run_name
 
 
-def test_beir_zip_download_and_local_zip(tmp_path):
+def test_local_beir_zip_is_unpacked_once_into_the_cache(tmp_path):
     source = write_beir(
         tmp_path / "src" / "toy",
         [{"_id": "d1", "title": "t", "text": "x"}],
@@ -252,13 +242,11 @@ def test_beir_zip_download_and_local_zip(tmp_path):
     with zipfile.ZipFile(archive, "w") as z:
         for path in source.rglob("*"):
             z.write(path, path.relative_to(source.parent))
-    url_template = archive.parent.as_uri() + "/{name}.zip"  # a file:// URL stands in for the BEIR server
-    target = evaluate.download_beir("toy", tmp_path / "cache" / "beir", url_template=url_template)
-    assert (target / "corpus.jsonl").is_file() and (target / "qrels" / "test.tsv").is_file()
-    (eval_set,) = evaluate.resolve_beir(str(archive), tmp_path / "cache2")
+    (eval_set,) = eval_sets.resolve_beir(str(archive), tmp_path / "cache")
     assert eval_set.name == "beir-toy" and eval_set.drop_self_hits and eval_set.queries == {"q1": "y"}
-    with pytest.raises(InputError, match="download from .* failed"):
-        evaluate.download_beir("missing", tmp_path / "cache" / "beir", url_template=url_template)
+    assert eval_set.corpus_file == tmp_path / "cache" / "beir" / "toy" / "corpus.jsonl"
+    with pytest.raises(UserError, match="downloads are off"):
+        eval_sets.resolve_beir("scifact", tmp_path / "cache", download=False)
 
 
 def test_bad_input_gives_clear_errors(tmp_path, splade_tiny_path, capsys):
@@ -266,27 +254,27 @@ def test_bad_input_gives_clear_errors(tmp_path, splade_tiny_path, capsys):
 
     missing = write_beir(tmp_path / "missing", **good)
     (missing / "queries.jsonl").unlink()
-    with pytest.raises(InputError, match=r"missing.*missing queries.jsonl or queries.jsonl.gz"):
-        evaluate.resolve_datasets([str(missing)])
+    with pytest.raises(UserError, match=r"missing.*missing queries.jsonl or queries.jsonl.gz"):
+        eval_sets.resolve_datasets([str(missing)])
 
     unknown = write_beir(tmp_path / "unknown", good["corpus"], good["queries"], good["qrels"] + [["q9", "d1", "1"]])
-    with pytest.raises(InputError, match=r"qrels/test.tsv:3: query id 'q9' is not in .*queries.jsonl"):
-        evaluate.resolve_datasets([str(unknown)])
+    with pytest.raises(UserError, match=r"qrels/test.tsv:3: query id 'q9' is not in .*queries.jsonl"):
+        eval_sets.resolve_datasets([str(unknown)])
 
     empty = write_beir(tmp_path / "empty", [], good["queries"], good["qrels"])
-    (eval_set,) = evaluate.resolve_datasets([str(empty)])
-    with pytest.raises(InputError, match=r"corpus.jsonl: the corpus is empty"):
-        evaluate.read_corpus(eval_set.corpus_file)
+    (eval_set,) = eval_sets.resolve_datasets([str(empty)])
+    with pytest.raises(UserError, match=r"corpus.jsonl: the corpus is empty"):
+        readers.read_corpus(eval_set.corpus_file)
 
     broken = write_beir(tmp_path / "broken", **good)
     with open(broken / "corpus.jsonl", "a") as f:
         f.write('{"_id": "d2", "text": \n')
-    with pytest.raises(InputError, match=r"corpus.jsonl:2: not valid JSON"):
-        evaluate.read_corpus(broken / "corpus.jsonl")
+    with pytest.raises(UserError, match=r"corpus.jsonl:2: malformed JSON"):
+        readers.read_corpus(broken / "corpus.jsonl")
 
     (broken / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\tyes\n")
-    with pytest.raises(InputError, match=r"test.tsv:2: relevance 'yes' is not an integer"):
-        evaluate.read_qrels(broken / "qrels" / "test.tsv")
+    with pytest.raises(UserError, match=r"test.tsv:2: relevance 'yes' is not an integer"):
+        readers.read_qrels(broken / "qrels" / "test.tsv")
 
     # A checkpoint without a masked-LM head (a bare BertModel): refused by name, through the CLI.
     from transformers import BertConfig, BertModel
@@ -301,17 +289,42 @@ def test_bad_input_gives_clear_errors(tmp_path, splade_tiny_path, capsys):
     )
     BertModel(config).save_pretrained(tmp_path / "no_head")
     good_dir = write_beir(tmp_path / "ok", **good)
-    code = evaluate.main(
-        [
-            str(tmp_path / "no_head"),
-            "--beir",
-            str(good_dir),
-            "--cache_dir",
-            str(tmp_path / "c"),
-            "--output",
-            str(tmp_path / "o"),
-        ]
-    )
-    assert code == 2
+    with pytest.raises(SystemExit) as exit_status:
+        main_exits_2_on_user_error(
+            evaluate.main,
+            [
+                str(tmp_path / "no_head"),
+                "--beir",
+                str(good_dir),
+                "--cache_dir",
+                str(tmp_path / "c"),
+                "--output",
+                str(tmp_path / "o"),
+            ],
+        )
+    assert exit_status.value.code == 2
     message = capsys.readouterr().err
     assert "no_head" in message and "masked-LM" in message and "Traceback" not in message
+
+
+def test_failed_download_exits_2_with_a_message_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """MS MARCO files missing, the server answers 404: exit 2 and one line. A bug is not turned into a message."""
+    from data import download
+
+    with FileServer({}) as server:  # serves nothing: every file is a 404
+        monkeypatch.setattr(
+            download, "SOURCES", {n: download.Source(f"{server.url}/{n}", None, None) for n in download.SOURCES}
+        )
+        argv = ["no-model-needed", "--msmarco", "--data_dir", str(tmp_path / "data"), "--output", str(tmp_path / "o")]
+        with pytest.raises(SystemExit) as exit_status:
+            main_exits_2_on_user_error(evaluate.main, argv)
+    assert exit_status.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and "HTTP 404" in message and "Traceback" not in message
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(eval_sets, "fetch_msmarco", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        main_exits_2_on_user_error(evaluate.main, argv)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from conftest import passages_for, positives_of, write_files
-from data.mining import mine_max_examples
+from data.mining import mine_distill_examples, mine_max_examples
 from data.rotation import EpochRotationBatchSampler, make_train_dataset
 
 
@@ -183,3 +183,65 @@ def test_resuming_mid_epoch_replays_the_same_examples(rotation_set, splade_tiny_
     full = run(tmp_path / "full.jsonl")
     resumed = run(tmp_path / "resumed.jsonl", resume=str(tmp_path / "out" / "checkpoint-3"))
     assert len(full) == 4 and resumed == full[3:]  # step 4 = epoch 2's second batch, same texts
+
+
+def original_rotation(ts, epochs):
+    """The original scripts' stateful __getitem__, replayed: each visit pops the first entry of a list and appends
+    it at the end; a query without positives pops two negatives (train_distill --use_all_queries)."""
+
+    def entries(idx, ce, ptr, i):
+        return list(zip(idx[ptr[i] : ptr[i + 1]].tolist(), ce[ptr[i] : ptr[i + 1]].tolist()))
+
+    pos = [entries(ts.pos_idx, ts.pos_ce, ts.pos_ptr, i) for i in range(len(ts))]
+    neg = [entries(ts.neg_idx, ts.neg_ce, ts.neg_ptr, i) for i in range(len(ts))]
+
+    def pop_append(items):
+        items.append(items.pop(0))
+        return items[-1]
+
+    seen = []
+    for _ in range(epochs):
+        for i in range(len(ts)):
+            p, p_ce = pop_append(pos[i]) if pos[i] else pop_append(neg[i])
+            n, n_ce = pop_append(neg[i])
+            seen.append((ts.passages.text(p), ts.passages.text(n), p_ce - n_ce))
+    return seen
+
+
+def test_distill_query_without_positives_takes_two_negatives_per_epoch(tmp_path):
+    lines = [
+        {"qid": 1, "pos": [], "neg": {"s": [11, 12, 13]}},
+        {"qid": 2, "pos": [20, 21], "neg": {"s": [22, 23, 24]}},
+        {"qid": 3, "pos": [], "neg": {"s": [31]}},  # one negative: "positive" and negative are the same passage
+    ]
+    scores = {1: {11: 1.0, 12: 2.0, 13: 4.0}, 2: {20: 9.0, 21: 8.0, 22: 1.0, 23: 2.0, 24: 3.0}, 3: {31: 0.5}}
+    pids = [11, 12, 13, 20, 21, 22, 23, 24, 31]
+    write_files(tmp_path, passages_for(pids), {1: "q1", 2: "q2", 3: "q3"}, lines, scores)
+    ts = mine_distill_examples(tmp_path, use_all_queries=True, download=False)
+    assert positives_of(ts, 0) == [] and positives_of(ts, 2) == []
+
+    def shuffled(i):
+        return [int(ts.passages.ids[k]) for k in ts.neg_idx[ts.neg_ptr[i] : ts.neg_ptr[i + 1]]]
+
+    o, ce = shuffled(0), scores[1]
+    # Query 1, two negatives per epoch from its shuffled list [o0, o1, o2]: (o0, o1), (o2, o0), (o1, o2), (o0, o1).
+    for epoch, (a, b) in enumerate([(0, 1), (2, 0), (1, 2), (0, 1)]):
+        query, pos, neg, label = ts.example(0, epoch)
+        assert (query, pos, neg) == ("q1", f"passage number {o[a]}", f"passage number {o[b]}")
+        assert label == pytest.approx(ce[o[a]] - ce[o[b]])
+    # Query 2 has positives: unchanged, pos[e mod 2] and neg[e mod 3].
+    o2 = shuffled(1)
+    for epoch in range(4):
+        pos_id, neg_id = (20, 21)[epoch % 2], o2[epoch % 3]
+        assert ts.example(1, epoch) == (
+            "q2",
+            f"passage number {pos_id}",
+            f"passage number {neg_id}",
+            pytest.approx(scores[2][pos_id] - scores[2][neg_id]),
+        )
+    assert ts.example(2, 3) == ("q3", "passage number 31", "passage number 31", 0.0)
+
+    epochs = 5
+    ds = make_train_dataset(ts, epochs, with_labels=True)  # the rows the trainer reads, in query order
+    rows = [ds[r] for r in range(epochs * len(ts))]
+    assert [(r["positive"], r["negative"], pytest.approx(r["label"])) for r in rows] == original_rotation(ts, epochs)

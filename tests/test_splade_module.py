@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from sentence_transformers import SparseEncoder
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertModel
 
 import splade_module
@@ -94,6 +95,51 @@ def test_lean_head_equals_naive_formula(monkeypatch, batch, length, backward):
             torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
+def uneven_head_inputs(vocab=50, hidden=16):
+    """One 40-token text, seven of 1-3 tokens, and one with no unmasked token at all: mostly padding."""
+    hidden_states, mask, weight, bias = random_head_inputs(9, 40, hidden=hidden, vocab=vocab, seed=4)
+    mask.zero_()
+    for text, length in enumerate([3, 40, 1, 2, 0, 3, 1, 2, 3]):
+        mask[text, :length] = 1
+    return hidden_states, mask, weight, bias
+
+
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+@pytest.mark.parametrize("rows_per_block", [2, 7, 1000])
+def test_lean_head_on_very_uneven_lengths_equals_naive(monkeypatch, backward, rows_per_block):
+    monkeypatch.setattr(splade_module, "LOGITS_PER_CHUNK", 50 * rows_per_block)  # blocks cut through texts
+    monkeypatch.setattr(splade_module, "ACTIVE_PER_CHUNK", 5)
+    monkeypatch.setattr(splade_module, "DENSE_BACKWARD_DENSITY", 2.0 if backward == "sparse" else -1.0)
+    inputs = uneven_head_inputs()
+    upstream = torch.rand(9, 50, generator=torch.Generator().manual_seed(5))
+    expected = values_and_grads(naive, *inputs, upstream)
+    got = values_and_grads(SpladeMaxHead.apply, *inputs, upstream)
+    assert expected[0][4].abs().sum() == 0 and expected[1][4].abs().sum() == 0  # the empty text: no value, no grad
+    assert (expected[1][0, 3:] == 0).all() and expected[1][0, :3].abs().sum() > 0
+    for g, e, name in zip(got, expected, ("values", "hidden", "weight", "bias")):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_lean_head_without_bias_equals_naive():
+    hidden_states, mask, weight, _ = uneven_head_inputs()
+    upstream = torch.rand(9, 50, generator=torch.Generator().manual_seed(6))
+    results = []
+    for fn in (naive, SpladeMaxHead.apply):
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden_states, weight)]
+        out = fn(leaves[0], mask, leaves[1], None)
+        (out * upstream).sum().backward()
+        results.append([out.detach()] + [leaf.grad for leaf in leaves])
+    for g, e in zip(*reversed(results)):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_lean_head_projects_real_tokens_only():
+    hidden_states, mask, weight, bias = uneven_head_inputs(vocab=64, hidden=32)
+    with FlopCounterMode(display=False) as counter:
+        SpladeMaxHead.apply(hidden_states, mask, weight, bias)
+    assert counter.get_total_flops() == 2 * int(mask.sum()) * 32 * 64  # 55 tokens of the 9 x 40 positions
+
+
 @pytest.mark.parametrize("rows_per_block", [1, 5, 1000])
 def test_inference_path_skips_padding_and_equals_naive_formula(monkeypatch, rows_per_block):
     monkeypatch.setattr(splade_module, "LOGITS_PER_CHUNK", 50 * rows_per_block)  # blocks cut through texts
@@ -116,7 +162,8 @@ def test_lean_head_bf16_within_rounding():
 
 @pytest.mark.parametrize("lean_head", [True, False])
 def test_gradients_on_real_checkpoint_equal_naive(splade_tiny_path, lean_head):
-    texts = [QUERY, "aerodynamic heating of a blunt body in hypersonic flow"] + cranfield_texts(2)
+    # "" is [CLS] [SEP] only: a text of special tokens; the Cranfield texts are long, the others padded.
+    texts = [QUERY, "", "aerodynamic heating of a blunt body in hypersonic flow"] + cranfield_texts(2)
     model = load_splade(splade_tiny_path, max_seq_length=64, lean_head=lean_head)
     reference = AutoModelForMaskedLM.from_pretrained(splade_tiny_path)
     features = model[0].preprocess(texts)
