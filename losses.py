@@ -1,4 +1,9 @@
-"""The two SPLADE training objectives of the recipe, with FLOPS regularisation (SPEC.md).
+"""The two SPLADE training objectives of the recipe, with FLOPS regularisation.
+
+    FLOPS(X) = sum over v of (mean over the batch of |X[:, v]|)^2       for a batch X of shape (batch, vocab)
+    Splade_max:   CE(q . [pos; neg]^T, own positive) + lambda_d FLOPS([pos; neg]) + lambda_q FLOPS(q)
+    DistilSplade: MSE(q.pos - q.neg, CE(q, pos) - CE(q, neg)) + lambda_d (FLOPS(pos) + FLOPS(neg)) + lambda_q FLOPS(q)
+    lambda warm-up (optional, --lambda_warmup_steps T): lambda_t = lambda * min(1, t / T)^2; T = 0: constant
 
 Both follow the sentence-transformers loss interface, `forward(sentence_features, labels)`, and return
 a dict of the weighted terms, which the trainer sums for backward and logs one by one. What a

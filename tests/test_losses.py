@@ -1,4 +1,4 @@
-"""The losses against SPEC.md's formulas computed by hand, and against sentence-transformers' own losses."""
+"""The losses against the formulas computed by hand, and against sentence-transformers' own losses."""
 
 import math
 

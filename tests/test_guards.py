@@ -1,0 +1,47 @@
+"""A run that diverges or collapses stops at once with a message saying what happened and what to try; the last
+good checkpoint stays and no final model is written."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+QUICK = "--sample --train_batch_size 8 --max_seq_length 16 --logging_steps 1 --warmup_steps 0 --eval_steps 0".split()
+QUICK += "--lambda_warmup_steps 0 --save_steps 2 --max_steps 200".split()
+
+
+def run(output_dir, *flags):
+    command = [sys.executable, str(ROOT / "train_max.py"), *QUICK, "--output_dir", str(output_dir), *flags]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=os.environ)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    return done.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_at_once(tmp_path):
+    # A learning rate of 1e30 blows the weights up within a couple of steps.
+    stderr = run(tmp_path, "--lr", "1e30")
+    step = int(re.search(r"training stopped at step (\d+): the loss is not finite", stderr).group(1))
+    assert step < 10
+    assert "loss terms: {'ranking_loss'" in stderr
+    for hint in ("--lambda_warmup_steps", "--lambda_q / --lambda_d", "--lr"):
+        assert hint in stderr
+    assert not (tmp_path / "model.safetensors").exists()  # nothing corrupted written as the final model
+
+
+def test_all_zero_vectors_stop_the_run_and_name_the_flops_regulariser(tmp_path):
+    # Absurd lambdas silence every activation in a few steps; relu then passes no gradient to revive them.
+    stderr = run(tmp_path, "--lambda_q", "1e4", "--lambda_d", "1e4", "--lr", "0.05", "--collapse_patience", "3")
+    assert "the FLOPS regulariser has killed every activation" in stderr
+    step = int(re.search(r"training stopped at step (\d+)", stderr).group(1))
+    assert step < 200
+    checkpoint = re.search(r"Last checkpoint: (\S+);", stderr).group(1)  # saving comes after logging in a step
+    if step > 2:
+        assert checkpoint.endswith(f"checkpoint-{2 * ((step - 1) // 2)}") and os.path.isdir(checkpoint)
+    assert not (tmp_path / "model.safetensors").exists()
