@@ -69,7 +69,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(ROOT))
 from common import build_random_distilbert, cpu_counters, machine_name, others_cpu_pct, wait_for_idle  # noqa: E402
 
-import splade_module  # noqa: E402
+import bf16_screen  # noqa: E402
 from splade_module import load_splade  # noqa: E402
 
 # ---------------------------------------------------------------- contention (other processes on the same cores)
@@ -104,11 +104,11 @@ def encode_ours(module, texts: list[str], device: str, variant: str) -> tuple[fl
 
 
 class CandidateCounter:
-    """Wraps splade_module.bf16_screen to count the (text, term) pairs it sends to the exact fp32 recomputation."""
+    """Wraps bf16_screen.bf16_screen to count the (text, term) pairs it sends to the exact fp32 recomputation."""
 
     def __init__(self):
         self.candidates = self.pairs = 0
-        self.screen = splade_module.bf16_screen
+        self.screen = bf16_screen.bf16_screen
 
     def __call__(self, *screen_args):
         candidates = self.screen(*screen_args)
@@ -152,7 +152,7 @@ def run_variants(path: str, texts: list[str], device: str) -> dict:
     st = SparseEncoder(path, device=device)
     st.max_seq_length = args.max_seq_length
     counter = CandidateCounter()
-    splade_module.bf16_screen = counter
+    bf16_screen.bf16_screen = counter
     if device == "cpu":
         wait_for_idle(args.wait_idle, max(5.0, 95.0 - 100.0 * args.threads / (os.cpu_count() or 1)))
     runs = {}
@@ -194,7 +194,7 @@ def main() -> None:
         "threads": args.threads,
         "device": device,
         "machine": machine_name(device),
-        "bf16_matmul_native": splade_module.bf16_matmul_is_native(torch.device(device)),
+        "bf16_matmul_native": bf16_screen.bf16_matmul_is_native(torch.device(device)),
         "torch": torch.__version__,
         "others_cpu_pct": others,
         "cpu_per_wall": round(cpu_per_wall, 2),

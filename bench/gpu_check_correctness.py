@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from gpu_check_helpers import Context, autocast, recipe_loss, st_model, tokenised
 
 from losses import MultipleNegativesRankingLossSplade
-from splade_module import SpladeMaxHead, load_splade, splade_max_naive
+from splade_head import SpladeMaxHead
+from splade_module import load_splade, splade_max_naive
 
 # Largest relative error allowed: values (max |a-b| / max |b|) and gradients (||a-b|| / ||b||).
 TOLERANCE = {"fp32": {"value": 1e-4, "grad": 1e-4}, "bf16": {"value": 1e-2, "grad": 3e-2}}

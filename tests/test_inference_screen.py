@@ -10,16 +10,12 @@ import torch
 import torch.nn.functional as F
 from sentence_transformers import SparseEncoder
 
+import splade_head
 import splade_module
+from bf16_screen import bf16_logit_slack, bf16_screen, max_logits_screened
 from conftest import BEIR
-from splade_module import (
-    bf16_logit_slack,
-    bf16_screen,
-    load_splade,
-    max_logits_screened,
-    max_logits_unpadded,
-    splade_max_naive,
-)
+from splade_head import max_logits_unpadded
+from splade_module import load_splade, splade_max_naive
 
 VOCAB, DIM = 3000, 96
 
@@ -67,7 +63,7 @@ def test_bound_holds_for_every_token_and_term():
 
 @pytest.mark.parametrize("rows_per_block", [7, 1000])
 def test_screened_equals_plain_fp32_and_naive_formula(monkeypatch, rows_per_block):
-    monkeypatch.setattr(splade_module, "LOGITS_PER_CHUNK", VOCAB * rows_per_block)  # blocks cut through texts
+    monkeypatch.setattr(splade_head, "LOGITS_PER_CHUNK", VOCAB * rows_per_block)  # blocks cut through texts
     hidden, mask, weight, bias = wide_range_inputs()
     candidates = bf16_screen(hidden, mask, weight, bias)
     plain = splade(max_logits_unpadded(hidden, mask, weight, bias))
@@ -92,7 +88,7 @@ def test_adversarial_maxima_next_to_zero(monkeypatch):
     """A bias that puts every (text, term) max of the first text within 1e-3 of 0 (half above, half below): the
     screen must keep every positive one and cannot rule out most negative ones; the exact recomputation then
     decides each sign as fp32 does."""
-    monkeypatch.setattr(splade_module, "SCREEN_MAX_CANDIDATES", 1.0)  # no fallback to the plain path
+    monkeypatch.setattr("bf16_screen.SCREEN_MAX_CANDIDATES", 1.0)  # no fallback to the plain path
     hidden, mask, weight, bias = wide_range_inputs(batch=3, seed=3)
     hidden = hidden / hidden.norm(dim=-1, keepdim=True) * 10  # moderate norms, so that 1e-3 is below the bound
     generator = torch.Generator().manual_seed(4)
@@ -129,8 +125,8 @@ def beir_texts(name: str, file: str, count: int) -> list[str]:
 def test_splade_tiny_screened_equals_fp32_and_sentence_transformers(splade_tiny_path):
     texts = beir_texts("cranfield", "corpus.jsonl", 6) + beir_texts("cisi", "corpus.jsonl", 6)
     texts += beir_texts("cisi", "queries.jsonl", 4)
-    screened, plain = (load_splade(splade_tiny_path, max_seq_length=128) for _ in range(2))
-    screened[0].screen_bf16, plain[0].screen_bf16 = True, False
+    screened = load_splade(splade_tiny_path, max_seq_length=128, screen_bf16=True)
+    plain = load_splade(splade_tiny_path, max_seq_length=128, screen_bf16=False)
     reference = SparseEncoder(splade_tiny_path)
     reference.max_seq_length = 128
 

@@ -8,9 +8,10 @@ from sentence_transformers import SparseEncoder
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertModel
 
-import splade_module
+import splade_head
 from conftest import BEIR
-from splade_module import SpladeMax, SpladeMaxHead, load_splade, splade_max_naive
+from splade_head import SpladeMaxHead, max_logits, max_logits_unpadded
+from splade_module import SpladeMax, load_splade, splade_max_naive
 
 QUERY = "what is the capital of france"
 
@@ -79,16 +80,14 @@ def values_and_grads(fn, hidden_states, mask, weight, bias, upstream):
 @pytest.mark.parametrize("batch,length", [(1, 7), (4, 12), (6, 33)])
 @pytest.mark.parametrize("backward", ["sparse", "dense"])
 def test_lean_head_equals_naive_formula(monkeypatch, batch, length, backward):
-    monkeypatch.setattr(splade_module, "LOGITS_PER_CHUNK", 3 * 50 * batch)  # several token chunks
-    monkeypatch.setattr(splade_module, "ACTIVE_PER_CHUNK", 7)  # several gather slices
-    monkeypatch.setattr(splade_module, "DENSE_BACKWARD_DENSITY", 2.0 if backward == "sparse" else -1.0)
+    monkeypatch.setattr(splade_head, "LOGITS_PER_CHUNK", 3 * 50 * batch)  # several token chunks
+    monkeypatch.setattr(splade_head, "ACTIVE_PER_CHUNK", 7)  # several gather slices
+    monkeypatch.setattr(splade_head, "DENSE_BACKWARD_DENSITY", 2.0 if backward == "sparse" else -1.0)
     inputs = random_head_inputs(batch, length)
     upstream = torch.rand(batch, 50, generator=torch.Generator().manual_seed(1))
     expected = values_and_grads(naive, *inputs, upstream)
     lean = values_and_grads(SpladeMaxHead.apply, *inputs, upstream)
-    autograd_chunked = values_and_grads(
-        lambda *a: torch.log1p(torch.relu(splade_module.max_logits(*a)[0])), *inputs, upstream
-    )
+    autograd_chunked = values_and_grads(lambda *a: torch.log1p(torch.relu(max_logits(*a)[0])), *inputs, upstream)
     assert 0 < (expected[0] > 0).float().mean() < 1  # both active and inactive terms occur
     for got in (lean, autograd_chunked):
         for g, e in zip(got, expected):
@@ -107,9 +106,9 @@ def uneven_head_inputs(vocab=50, hidden=16):
 @pytest.mark.parametrize("backward", ["sparse", "dense"])
 @pytest.mark.parametrize("rows_per_block", [2, 7, 1000])
 def test_lean_head_on_very_uneven_lengths_equals_naive(monkeypatch, backward, rows_per_block):
-    monkeypatch.setattr(splade_module, "LOGITS_PER_CHUNK", 50 * rows_per_block)  # blocks cut through texts
-    monkeypatch.setattr(splade_module, "ACTIVE_PER_CHUNK", 5)
-    monkeypatch.setattr(splade_module, "DENSE_BACKWARD_DENSITY", 2.0 if backward == "sparse" else -1.0)
+    monkeypatch.setattr(splade_head, "LOGITS_PER_CHUNK", 50 * rows_per_block)  # blocks cut through texts
+    monkeypatch.setattr(splade_head, "ACTIVE_PER_CHUNK", 5)
+    monkeypatch.setattr(splade_head, "DENSE_BACKWARD_DENSITY", 2.0 if backward == "sparse" else -1.0)
     inputs = uneven_head_inputs()
     upstream = torch.rand(9, 50, generator=torch.Generator().manual_seed(5))
     expected = values_and_grads(naive, *inputs, upstream)
@@ -142,10 +141,10 @@ def test_lean_head_projects_real_tokens_only():
 
 @pytest.mark.parametrize("rows_per_block", [1, 5, 1000])
 def test_inference_path_skips_padding_and_equals_naive_formula(monkeypatch, rows_per_block):
-    monkeypatch.setattr(splade_module, "LOGITS_PER_CHUNK", 50 * rows_per_block)  # blocks cut through texts
+    monkeypatch.setattr(splade_head, "LOGITS_PER_CHUNK", 50 * rows_per_block)  # blocks cut through texts
     hidden_states, mask, weight, bias = random_head_inputs(5, 13)
     expected = naive(hidden_states, mask, weight, bias)
-    got = torch.log1p(torch.relu(splade_module.max_logits_unpadded(hidden_states, mask, weight, bias)))
+    got = torch.log1p(torch.relu(max_logits_unpadded(hidden_states, mask, weight, bias)))
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
