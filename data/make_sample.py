@@ -19,6 +19,7 @@ import gzip
 import json
 import pickle
 import random
+import re
 from pathlib import Path
 
 # topic: (subjects, verbs, adjectives, related nouns)
@@ -272,6 +273,34 @@ SYNONYMS = {
     "toxic": "poisonous",
 }
 
+# What a query says when it names only the kind of thing, not the thing: several passages fit.
+GENERIC = {
+    "volcanoes": "volcanic site",
+    "astronomy": "space object",
+    "cooking": "dish",
+    "medicine": "illness",
+    "gardening": "plant",
+    "finance": "investment",
+    "music": "musical instrument",
+    "football": "football",
+    "computing": "computer",
+    "birds": "bird",
+    "oceans": "sea life",
+    "weather": "weather event",
+    "history": "historic site",
+    "cars": "car part",
+    "law": "legal matter",
+    "geology": "landform",
+    "insects": "insect",
+    "architecture": "building",
+    "nutrition": "food component",
+    "farming": "farm",
+    "painting": "artwork",
+    "trains": "train",
+    "dogs": "dog",
+    "chemistry": "chemical",
+}
+
 SENTENCES = [
     "The {adj} {subject} of {place} is known for its {noun}.",
     "In {place}, the {subject} can {verb} when the {noun2} changes.",
@@ -289,20 +318,21 @@ FILLER = [
     "Some of this is still debated.",
 ]
 QUERY_TEMPLATES = [
-    "what is the {subject} of {place}",
-    "{place} {subject}",
-    "how does the {subject} in {place} {verb}",
-    "why is the {subject} in {place} {adj}",
-    "{subject} {place} {noun}",
-    "does the {place} {subject} {verb}",
-    "where is the {adj} {subject} of {place}",
-    "{subject} in {place} facts",
+    "what is the {detail} {thing} {place}",
+    "{place} {thing} {detail}",
+    "how {detail} is the {thing} {place}",
+    "{thing} {place} {detail}",
+    "does the {place} {thing} {detail}",
+    "{detail} {thing} in {place}",
+    "{thing} {detail} facts",
+    "why is the {thing} {detail}",
 ]
 SYSTEMS = ["bm25", "msmarco-distilbert-base-tas-b", "msmarco-MiniLM-L-6-v3", "co-condenser-margin_mse-cls-v1"]
 NEGS_PER_SYSTEM = 12
 
 
 def passage_text(rng, topic, subject, place):
+    """Two sentences about the subject in the place and one filler; also the detail words the text uses."""
     _, verbs, adjs, nouns = TOPICS[topic]
     a, a2 = rng.sample(adjs, 2)
     n, n2 = rng.sample(nouns, 2)
@@ -316,94 +346,132 @@ def passage_text(rng, topic, subject, place):
         "verb": rng.choice(verbs),
         "topic": topic,
     }
-    sentences = rng.sample(SENTENCES, 3) + rng.sample(FILLER, 1)
-    return " ".join(s.format(**words) for s in sentences)
+    sentences = rng.sample(SENTENCES, 2) + rng.sample(FILLER, 1)
+    text = " ".join(s.format(**words) for s in sentences)
+    used = set(re.findall(r"[a-z]+", text.lower()))
+    details = sorted(w for w in (a, a2, n, n2, words["verb"]) if w in used)
+    return text, details
 
 
-def query_text(rng, topic, subject, place):
+def query_text(rng, topic, subject, place, details):
+    """A short query about (subject, place) that is not always a lexical give-away.
+
+    Three in ten name only the kind of thing (several passages of the topic and place fit; the detail word
+    tells them apart or not), three in ten paraphrase the subject, and one in five leaves the place out.
+    """
     _, verbs, adjs, nouns = TOPICS[topic]
-    if rng.random() < 0.4:  # paraphrase: the query says it in other words than the passage
-        subject = SYNONYMS.get(subject, subject)
-    words = {
-        "subject": subject,
-        "place": place,
-        "verb": rng.choice(verbs),
-        "adj": rng.choice(adjs),
-        "noun": rng.choice(nouns),
-    }
+    draw = rng.random()
+    thing = GENERIC[topic] if draw < 0.3 else SYNONYMS.get(subject, subject) if draw < 0.6 else subject
+    if not details or rng.random() < 0.3:  # a detail the passage does not state: no help, some noise
+        details = verbs + adjs + nouns
+    detail = rng.choice(details)
     if rng.random() < 0.3:
-        words["adj"] = SYNONYMS.get(words["adj"], words["adj"])
-    return rng.choice(QUERY_TEMPLATES).format(**words)
+        detail = SYNONYMS.get(detail, detail)
+    with_place = rng.random() < 0.8
+    templates = [t for t in QUERY_TEMPLATES if ("{place}" in t) == with_place]
+    text = rng.choice(templates).format(thing=thing, place=place, detail=detail)
+    return " ".join(text.split())
 
 
 def ce_like_score(rng, key, other_key, duplicate=False):
-    """Cross-encoder-like logit: high for the same (subject, place), lower the less they share, with noise."""
+    """Cross-encoder-like logit: high for the same (subject, place), lower the less they share, with noise.
+
+    One score in twenty is off by +4, as a real cross-encoder is sometimes confidently wrong: label noise.
+    """
     shared = (key[1] == other_key[1]) + (key[2] == other_key[2]) + 0.5 * (key[0] == other_key[0])
     base = 6.0 if duplicate else -7.0 + 3.0 * shared
-    return round(base + rng.gauss(0.0, 1.3), 3)
+    if rng.random() < 0.05:
+        base += 4.0
+    return round(base + rng.gauss(0.0, 1.5), 3)
 
 
-def build(seed=13, train_queries=1200, dev_queries=150, extra_queries=60):
-    rng = random.Random(seed)
-    keys = [(t, s, p) for t, (subjects, *_) in TOPICS.items() for s in subjects for p in PLACES]
-    rng.shuffle(keys)
-    n_subjects = train_queries + dev_queries
-    subject_keys = keys[:n_subjects]  # each has a passage and a query
-    background = keys[n_subjects : n_subjects + 900]  # passages no query is about
+def system_ranking(rng, candidates, keys, key, noise):
+    """One retrieval system's hard negatives: lexical overlap with the query's key, plus the system's noise."""
 
-    passages = []  # (pid, key, text)
-    for key in subject_keys + background:
-        passages.append((len(passages), key, passage_text(rng, *key)))
+    def overlap(c):
+        k = keys[c]
+        return (k[1] == key[1]) * 2 + (k[2] == key[2]) * 2 + (k[0] == key[0]) + rng.gauss(0, noise)
+
+    return sorted(candidates, key=overlap, reverse=True)[:NEGS_PER_SYSTEM]
+
+
+def sibling_keys(rng, subject_keys, taken):
+    """For each queried key, an unused key of the same topic and place but another subject: a confusable passage."""
+    siblings = []
+    for topic, _, place in subject_keys:
+        others = [(topic, s, place) for s in TOPICS[topic][0] if (topic, s, place) not in taken]
+        if others:
+            sibling = rng.choice(others)
+            taken.add(sibling)
+            siblings.append(sibling)
+    return siblings
+
+
+def make_passages(rng, keys, train_queries, n_subjects, n_background):
+    """(key, text, details) for the queried keys, their confusable siblings, background keys and near-duplicates."""
+    subject_keys = keys[:n_subjects]
+    taken = set(subject_keys)
+    siblings = sibling_keys(rng, subject_keys, taken)
+    background = [k for k in keys[n_subjects:] if k not in taken][:n_background]  # passages no query is about
+    passages = [(key, *passage_text(rng, *key)) for key in subject_keys + siblings + background]
     # Near-duplicates: a second passage on the same subject and place, for ~8% of training queries.
     duplicates = {}
     for i in rng.sample(range(train_queries), train_queries * 8 // 100):
         duplicates[i] = len(passages)
-        passages.append((len(passages), subject_keys[i], passage_text(rng, *subject_keys[i])))
+        passages.append((subject_keys[i], *passage_text(rng, *subject_keys[i])))
+    return passages, duplicates
+
+
+def mine_query(rng, i, passages, duplicates, by_key_parts, pid_of):
+    """The hard-negatives line and CE-like scores of training query i (its passage is passages[i])."""
+    key = passages[i][0]
+    positives = [i] + ([duplicates[i]] if i in duplicates and rng.random() < 0.3 else [])
+    # Candidates share the subject, the place or the topic; each "system" ranks them with its own noise.
+    candidates = sorted({c for part in enumerate(key) for c in by_key_parts[part]} - set(positives))
+    keys = [p[0] for p in passages]
+    q_scores = {pid_of[p]: ce_like_score(rng, key, keys[p], duplicate=True) for p in positives}
+    neg = {}
+    for system_no, system in enumerate(SYSTEMS):
+        ranked = system_ranking(rng, candidates, keys, key, noise=1.0 + system_no * 0.5)
+        neg[system] = [pid_of[c] for c in ranked]
+        for c in ranked:
+            if pid_of[c] not in q_scores:
+                q_scores[pid_of[c]] = ce_like_score(rng, key, keys[c], duplicate=c == duplicates.get(i))
+    return {"pos": [pid_of[p] for p in positives], "neg": neg}, q_scores
+
+
+def build(seed=13, train_queries=1200, dev_queries=150, extra_queries=60, n_background=600):
+    rng = random.Random(seed)
+    keys = [(t, s, p) for t, (subjects, *_) in TOPICS.items() for s in subjects for p in PLACES]
+    rng.shuffle(keys)
+    n_subjects = train_queries + dev_queries  # keys[:n_subjects] each have a passage and a query
+    passages, duplicates = make_passages(rng, keys, train_queries, n_subjects, n_background)
     # Shuffle the pids so that neither position nor id gives the answer away.
     order = list(range(len(passages)))
     rng.shuffle(order)
     pid_of = {old: 1000 + 7 * new for new, old in enumerate(order)}
     by_key_parts = {}
-    for old, key, _ in passages:
-        for part in ((0, key[0]), (1, key[1]), (2, key[2])):
+    for old, (key, _, _) in enumerate(passages):
+        for part in enumerate(key):
             by_key_parts.setdefault(part, []).append(old)
 
-    qids = rng.sample(range(1, 1_200_000), train_queries + dev_queries + extra_queries)
+    qids = rng.sample(range(1, 1_200_000), n_subjects + extra_queries)
     hard_negatives, scores, train, dev, qrels = [], {}, [], [], []
-    for i, key in enumerate(subject_keys):
+    for i, (key, _, details) in enumerate(passages[:n_subjects]):
         qid = qids[i]
-        text = query_text(rng, *key)
+        text = query_text(rng, *key, details)
         if i >= train_queries:  # dev: the passage about this key is the relevant one
             dev.append((qid, text))
             qrels.append((qid, pid_of[i]))
             continue
         train.append((qid, text))
-        positives = [i] + ([duplicates[i]] if i in duplicates and rng.random() < 0.3 else [])
-        # Candidates share the subject, the place or the topic; each "system" ranks them with its own noise.
-        candidates = sorted(
-            {c for part in ((1, key[1]), (2, key[2]), (0, key[0])) for c in by_key_parts[part]} - set(positives)
-        )
-        q_scores = {pid_of[p]: ce_like_score(rng, key, passages[p][1], duplicate=True) for p in positives}
-        neg = {}
-        for system_no, system in enumerate(SYSTEMS):
-            noise = 1.0 + system_no * 0.5
-
-            def lexical(c):
-                k = passages[c][1]
-                return (k[1] == key[1]) * 2 + (k[2] == key[2]) * 2 + (k[0] == key[0]) + rng.gauss(0, noise)
-
-            ranked = sorted(candidates, key=lexical, reverse=True)[:NEGS_PER_SYSTEM]
-            neg[system] = [pid_of[c] for c in ranked]
-            for c in ranked:
-                if pid_of[c] not in q_scores:
-                    q_scores[pid_of[c]] = ce_like_score(rng, key, passages[c][1], duplicate=c == duplicates.get(i))
-        hard_negatives.append({"qid": qid, "pos": [pid_of[p] for p in positives], "neg": neg})
-        scores[qid] = q_scores
+        line, scores[qid] = mine_query(rng, i, passages, duplicates, by_key_parts, pid_of)
+        hard_negatives.append({"qid": qid, **line})
     # Training queries without a hard-negatives line, as in the real queries.train.tsv (808k vs ~500k lines).
-    for qid in qids[train_queries + dev_queries :]:
-        train.append((qid, query_text(rng, *rng.choice(keys))))
+    for qid in qids[n_subjects:]:
+        train.append((qid, query_text(rng, *rng.choice(keys), [])))
 
-    collection = sorted((pid_of[old], text) for old, _, text in passages)
+    collection = sorted((pid_of[old], text) for old, (_, text, _) in enumerate(passages))
     return collection, train, hard_negatives, scores, dev, qrels
 
 
