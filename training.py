@@ -28,7 +28,6 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
 SAMPLE_MODEL = "sample-bert"  # --model_name value that builds the small random masked-LM offline
 
 # --sample: the bundled data, a small random BERT, minutes on a CPU. A flag on the command line still wins.
-# The lambdas are scaled to this model: the real recipe's weights silence a 2-layer random BERT before it learns.
 SAMPLE_COMMON = dict(
     model_name=SAMPLE_MODEL,
     train_batch_size=32,
@@ -40,10 +39,11 @@ SAMPLE_COMMON = dict(
     precision="fp32",
     logging_steps=10,
     save_steps=100,
-    eval_steps=50,
 )
 SAMPLE_MAX = dict(SAMPLE_COMMON)
-SAMPLE_DISTILL = dict(SAMPLE_COMMON, lambda_q=0.001, lambda_d=0.0008)
+# MarginMSE from a random model: the results table's second lambdas (0.01 / 0.008; the script's 0.1 / 0.08 switch
+# every dimension of the small model off) and a lower learning rate (at 2e-3 the MSE never leaves ~100).
+SAMPLE_DISTILL = dict(SAMPLE_COMMON, lr=5e-4, lambda_q=0.01, lambda_d=0.008)
 
 # The original scripts accepted these flags and did nothing with them; old command lines keep working.
 IGNORED_FLAGS = {
