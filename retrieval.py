@@ -6,10 +6,13 @@ Nothing here knows about models or files of a data set; it works on scipy CSR ma
 - ``build_index``: an inverted index (posting lists = the CSC form of the document matrix,
   int64 term offsets, int32 document numbers, float32 weights), built from one matrix or from
   shard files one at a time so the document matrix never has to be in memory twice.
-- ``search``: exact top-k by score = sum over the query's terms of q_w * d_w, a term-at-a-time
-  numba kernel over cache-sized blocks of documents, queries spread over threads. Ties: score
-  descending, then document id descending in byte order, trec_eval's own order (see
-  ``trec_tie_ranks``), so a run file re-scored by trec_eval / pytrec_eval ranks exactly as we did.
+- ``search``: exact top-k by score = sum over the query's terms of q_w * d_w. Small searches (up to
+  DENSE_SEARCH_CELLS queries x documents, e.g. a BEIR set or the in-training dev subset) score whole
+  rows with scipy; larger ones use search_kernel.py, a term-at-a-time numba kernel over cache-sized
+  blocks of documents with queries spread over threads, compiled (and numba imported) only then. Both
+  add in the same order and return identical results. Ties: score descending, then document id
+  descending in byte order, trec_eval's own order (see ``trec_tie_ranks``), so a run file re-scored by
+  trec_eval / pytrec_eval ranks exactly as we did.
 - ``evaluate_run``: MRR@10, nDCG@10, R@1000 with ir-measures' pytrec_eval provider, averaged over
   all judged queries (a judged query with no hit counts 0).
 - ``flops_statistic`` / ``mean_active_dims``: the sparsity numbers of the results table.
@@ -20,12 +23,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import numba
 import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
+
+from data.atomic import atomic_path
 
 # ---------------------------------------------------------------------------------------------
 # Inverted index
@@ -73,25 +76,30 @@ def _as_csr_float32(matrix, what: str) -> sp.csr_matrix:
 
 
 def _load_shard(shard) -> sp.csr_matrix:
+    """A shard as float32 CSR with one positive entry per (document, term): both index passes count the same."""
     if isinstance(shard, (str, os.PathLike)):
-        return _as_csr_float32(sp.load_npz(shard), str(shard))
-    return _as_csr_float32(shard, "document matrix")
+        matrix = _as_csr_float32(sp.load_npz(shard), str(shard))
+    else:
+        matrix = _as_csr_float32(shard, "document matrix")
+    if not matrix.has_canonical_format or (matrix.data == 0).any():
+        matrix = matrix.copy()  # the in-place clean-up below must not touch the caller's matrix
+        matrix.sum_duplicates()
+        matrix.eliminate_zeros()  # explicit zeros carry no score
+    return matrix
 
 
-@numba.njit(cache=True)
-def _scatter_postings(indptr, indices, data, first_doc, fill_pos, doc_index, weights):
-    """Append the rows of one CSR shard to the posting lists. Rows arrive in document order, so
-    every posting list stays sorted by document number."""
-    for row in range(len(indptr) - 1):
-        doc = first_doc + row
-        for p in range(indptr[row], indptr[row + 1]):
-            w = data[p]
-            if w > 0:  # explicit zeros carry no score
-                t = indices[p]
-                q = fill_pos[t]
-                doc_index[q] = doc
-                weights[q] = w
-                fill_pos[t] = q + 1
+def _scatter_postings(matrix: sp.csr_matrix, first_doc: int, fill_pos: np.ndarray, doc_index, weights) -> None:
+    """Append the rows of one CSR shard to the posting lists. Rows arrive in document order, so every
+    posting list stays sorted by document number. scipy's CSC conversion groups the shard by term (in C++);
+    each term's run of postings then lands at that term's fill position."""
+    by_term = matrix.tocsc()
+    by_term.sort_indices()
+    counts = np.diff(by_term.indptr)
+    width = len(counts)
+    targets = np.repeat(fill_pos[:width] - by_term.indptr[:-1], counts) + np.arange(by_term.nnz)
+    doc_index[targets] = by_term.indices + first_doc
+    weights[targets] = by_term.data
+    fill_pos[:width] += counts
 
 
 def build_index(doc_vectors, vocab_size: int | None = None, show_progress: bool = False) -> InvertedIndex:
@@ -114,7 +122,7 @@ def build_index(doc_vectors, vocab_size: int | None = None, show_progress: bool 
         width = matrix.shape[1] if vocab_size is None else vocab_size
         if matrix.shape[1] > width:
             raise ValueError(f"build_index: shard has {matrix.shape[1]} columns, vocabulary is {width}")
-        counts = np.bincount(matrix.indices[matrix.data > 0], minlength=width)
+        counts = np.bincount(matrix.indices, minlength=width)
         term_counts = counts if term_counts is None else term_counts + counts
         num_docs += matrix.shape[0]
     if num_docs >= 2**31:
@@ -131,15 +139,7 @@ def build_index(doc_vectors, vocab_size: int | None = None, show_progress: bool 
     first_doc = 0
     for shard in tqdm(shards, desc="index: fill", disable=not show_progress or len(shards) == 1):
         matrix = _load_shard(shard)
-        _scatter_postings(
-            matrix.indptr.astype(np.int64),
-            matrix.indices.astype(np.int32),
-            matrix.data,
-            first_doc,
-            fill_pos,
-            doc_index,
-            weights,
-        )
+        _scatter_postings(matrix, first_doc, fill_pos, doc_index, weights)
         first_doc += matrix.shape[0]
         del matrix
     return InvertedIndex(term_ptr=term_ptr, doc_index=doc_index, weights=weights, num_docs=num_docs)
@@ -169,118 +169,44 @@ def trec_tie_ranks(doc_ids: Sequence[str]) -> np.ndarray:
     return ranks
 
 
-# Documents per accumulator block: 2**17 float32 = 512 KiB stays in a core's L2 cache, so the
-# scattered adds of a query hit cache instead of memory (the accumulator of 8.8M documents is 35 MB).
-BLOCK_DOCS = 1 << 17
 # Ranking keys: for scores >= 0 the float32 bit pattern, read as an integer, orders like the score.
 # key = score_bits << 32 | (RANK_LIMIT - tie_rank): larger key = better hit, ties to the smaller rank,
 # and both the score and the document come back out of the key.
 RANK_LIMIT = (1 << 32) - 1
+# Up to this many query-document cells, search() scores densely with scipy (a few seconds at most)
+# rather than compile the kernel, which costs 15-60 s on a fresh checkout (once; numba caches it).
+DENSE_SEARCH_CELLS = 100_000_000
+# Score rows per dense block: 2**22 cells of int64 keys = 32 MiB.
+DENSE_BLOCK_CELLS = 1 << 22
 
 
-@numba.njit(inline="always")
-def _pack(score_bits, rank):
-    return (np.int64(score_bits) << 32) | np.int64(RANK_LIMIT - rank)
-
-
-@numba.njit(inline="always")
-def _keep_best(keys, n, k):
-    """Move the k largest of keys[:n] to keys[:k] (in any order); return the smallest of them."""
-    best = np.partition(keys[:n], n - k)[n - k :]
-    keys[:k] = best
-    return best.min()
-
-
-@numba.njit(parallel=True, cache=True)
-def _search_queries(
-    term_ptr,
-    doc_index,
-    weights,
-    num_docs,
-    q_ptr,
-    q_terms,
-    q_weights,
-    first_query,
-    last_query,
-    k,
-    block_docs,
-    tie_rank,
-    doc_of_rank,
-    exclude,
-    acc_workspace,
-    cursor_workspace,
-    key_workspace,
-    out_doc,
-    out_score_bits,
-    out_hits,
-):
-    """Score queries first_query..last_query-1 exactly and keep each one's top k.
-
-    Term-at-a-time in blocks of documents: for each block, add every query term's postings that
-    fall in it (posting lists are sorted by document: one cursor per term walks forward) into a
-    small accumulator, then scan the accumulator. Hits that beat the current k-th best go into a
-    buffer of 2k ranking keys; a full buffer is cut back to its best k (a partition, linear time),
-    which raises the bar. One thread per workspace row; thread t takes queries first+t, first+t+n..."""
-    n_threads = acc_workspace.shape[0]
-    capacity = key_workspace.shape[1]
-    for t in numba.prange(n_threads):
-        acc = acc_workspace[t]
-        acc_bits = acc.view(np.int32)
-        cursor = cursor_workspace[t]
-        keys = key_workspace[t]
-        for qi in range(first_query + t, last_query, n_threads):
-            q_first = q_ptr[qi]
-            n_terms = q_ptr[qi + 1] - q_first
-            for j in range(n_terms):
-                cursor[j] = term_ptr[q_terms[q_first + j]]
-            n_keys = 0
-            bar_key = np.int64(-1)  # every hit beats it until k hits are kept
-            bar_bits = np.int32(0)  # score bits of the k-th best so far
-            skip = exclude[qi]
-            for block_start in range(0, num_docs, block_docs):
-                block_end = min(block_start + block_docs, num_docs)
-                touched = False
-                for j in range(n_terms):
-                    qw = q_weights[q_first + j]
-                    begin = cursor[j]
-                    end = term_ptr[q_terms[q_first + j] + 1]
-                    stop = begin + np.searchsorted(doc_index[begin:end], block_end)
-                    for p in range(begin, stop):
-                        acc[np.uint32(doc_index[p] - block_start)] += qw * weights[p]  # unsigned: no wraparound test
-                    cursor[j] = stop
-                    touched = touched or stop > begin
-                if not touched:
-                    continue
-                for local in range(block_end - block_start):
-                    s = acc[local]
-                    if s == 0:  # weights are >= 0: score 0 = no common term (or nothing to add)
-                        continue
-                    bits = acc_bits[local]
-                    acc[local] = 0
-                    if bits < bar_bits:
-                        continue
-                    d = block_start + local
-                    key = _pack(bits, tie_rank[d])
-                    if key <= bar_key or d == skip:
-                        continue
-                    keys[n_keys] = key
-                    n_keys += 1
-                    if n_keys == capacity:
-                        bar_key = _keep_best(keys, n_keys, k)
-                        bar_bits = np.int32(bar_key >> 32)
-                        n_keys = k
-
-            # Best first: sort the kept keys, decode score bits and document.
-            row = qi - first_query
-            size = min(n_keys, k)
-            best = np.sort(keys[:n_keys])[::-1][:size]
-            out_hits[row] = size
-            for pos in range(size):
-                out_score_bits[row, pos] = np.int32(best[pos] >> 32)
-                out_doc[row, pos] = doc_of_rank[RANK_LIMIT - (best[pos] & RANK_LIMIT)]
-            for pos in range(size, k):
-                out_doc[row, pos] = -1
-                out_score_bits[row, pos] = 0
+def _dense_top_k(queries, postings, k, tie_ranks, doc_of_rank, exclude, bar):
+    """Exact top k by whole score rows. ``queries @ postings`` runs scipy's row-by-row product, which
+    adds each query term's postings into a float32 row in term order: the kernel's own order, so the
+    scores, and with them the ties, are bit for bit the kernel's."""
+    num_queries, num_docs = queries.shape[0], postings.shape[1]
+    out_doc = np.full((num_queries, k), -1, dtype=np.int32)
+    out_score_bits = np.zeros((num_queries, k), dtype=np.int32)
+    out_hits = np.zeros(num_queries, dtype=np.int32)
+    tie_keys = RANK_LIMIT - tie_ranks.astype(np.int64)
+    width = min(k, num_docs)
+    step = max(1, DENSE_BLOCK_CELLS // max(num_docs, 1))
+    for first in range(0, num_queries, step):
+        last = min(first + step, num_queries)
+        scores = (queries[first:last] @ postings).toarray()
+        keys = (scores.view(np.int32).astype(np.int64) << 32) | tie_keys
+        keys[scores == 0] = -1  # weights are >= 0: score 0 = no common term
+        rows = np.flatnonzero(exclude[first:last] >= 0)
+        keys[rows, exclude[first:last][rows]] = -1
+        if width < num_docs:
+            keys = -np.partition(-keys, width - 1, axis=1)[:, :width]
+        best = -np.sort(-keys, axis=1)[:, :width]
+        found = best >= 0
+        out_hits[first:last] = found.sum(axis=1)
+        out_score_bits[first:last, :width] = np.where(found, best >> 32, 0)
+        out_doc[first:last, :width] = np.where(found, doc_of_rank[RANK_LIMIT - (best & RANK_LIMIT)], -1)
+        bar.update(last - first)
+    return out_doc, out_score_bits, out_hits
 
 
 def search(
@@ -292,20 +218,27 @@ def search(
     show_progress: bool = False,
     queries_per_call: int | None = None,
     block_docs: int | None = None,
+    method: str = "auto",
 ) -> SearchResult:
     """Exact top-k documents of every query row by dot product.
 
     ``tie_ranks[d]``: smaller wins among equal scores (default: document number, ascending;
     evaluate.py passes ``trec_tie_ranks(doc_ids)``). ``exclude[q]``: a document number never
-    returned for query q (BEIR's rule that a query does not retrieve itself), -1 for none."""
+    returned for query q (BEIR's rule that a query does not retrieve itself), -1 for none.
+    ``method``: 'dense' (scipy score rows), 'kernel' (the compiled inverted-index kernel of
+    search_kernel.py) or 'auto': dense up to DENSE_SEARCH_CELLS queries x documents. Both give
+    the same hits in the same order with the same scores."""
     queries = _as_csr_float32(query_vectors, "query vectors")
     if queries.shape[1] > index.vocab_size:
         raise ValueError(f"search: queries have {queries.shape[1]} columns, the index {index.vocab_size} terms")
+    queries = sp.csr_matrix((queries.data, queries.indices, queries.indptr), shape=(queries.shape[0], index.vocab_size))
     queries.sort_indices()
     num_queries = queries.shape[0]
     k = int(k)
     if k < 1:
         raise ValueError("search: k must be >= 1")
+    if method not in ("auto", "dense", "kernel"):
+        raise ValueError(f"search: method must be 'auto', 'dense' or 'kernel', not {method!r}")
     if tie_ranks is None:
         tie_ranks = np.arange(index.num_docs, dtype=np.int32)
     if exclude is None:
@@ -314,51 +247,26 @@ def search(
     exclude = np.ascontiguousarray(exclude, dtype=np.int64)
     if len(tie_ranks) != index.num_docs or len(exclude) != num_queries:
         raise ValueError("search: tie_ranks needs one entry per document, exclude one per query")
-
-    n_threads = numba.get_num_threads()
-    block_docs = max(1, min(block_docs or BLOCK_DOCS, index.num_docs))
-    acc_workspace = np.zeros((n_threads, block_docs), dtype=np.float32)
-    max_terms = int(np.diff(queries.indptr).max()) if num_queries else 0
-    cursor_workspace = np.empty((n_threads, max(max_terms, 1)), dtype=np.int64)
-    key_workspace = np.empty((n_threads, 2 * k), dtype=np.int64)
     doc_of_rank = np.full(index.num_docs, -1, dtype=np.int32)
     doc_of_rank[tie_ranks] = np.arange(index.num_docs, dtype=np.int32)
     if (doc_of_rank < 0).any():
         raise ValueError("search: tie_ranks must be a permutation of 0..num_docs-1")
-    out_doc = np.empty((num_queries, k), dtype=np.int32)
-    out_score_bits = np.empty((num_queries, k), dtype=np.int32)  # float32 bit patterns
-    out_hits = np.empty(num_queries, dtype=np.int32)
-    q_ptr = queries.indptr.astype(np.int64)
-    q_terms = queries.indices.astype(np.int64)
 
-    # Calls of a few queries per thread keep the progress bar moving without costing speed.
-    step = queries_per_call or max(64 * n_threads, 1)
+    if method == "auto":
+        method = "dense" if num_queries * index.num_docs <= DENSE_SEARCH_CELLS else "kernel"
     with tqdm(total=num_queries, desc="search", unit="q", disable=not show_progress) as bar:
-        for first in range(0, num_queries, step):
-            last = min(first + step, num_queries)
-            _search_queries(
-                index.term_ptr,
-                index.doc_index,
-                index.weights,
-                index.num_docs,
-                q_ptr,
-                q_terms,
-                queries.data,
-                first,
-                last,
-                k,
-                block_docs,
-                tie_ranks,
-                doc_of_rank,
-                exclude,
-                acc_workspace,
-                cursor_workspace,
-                key_workspace,
-                out_doc[first:last],
-                out_score_bits[first:last],
-                out_hits[first:last],
+        if method == "dense":
+            postings = sp.csr_matrix(
+                (index.weights, index.doc_index, index.term_ptr), shape=(index.vocab_size, index.num_docs)
             )
-            bar.update(last - first)
+            found = _dense_top_k(queries, postings, k, tie_ranks, doc_of_rank, exclude, bar)
+        else:
+            from search_kernel import search_with_kernel  # imports numba: only when needed
+
+            found = search_with_kernel(
+                index, queries, k, tie_ranks, doc_of_rank, exclude, queries_per_call, block_docs, bar
+            )
+    out_doc, out_score_bits, out_hits = found
     return SearchResult(doc_index=out_doc, scores=out_score_bits.view(np.float32), num_hits=out_hits)
 
 
@@ -403,9 +311,7 @@ def write_trec_run(path, result: SearchResult, query_ids: Sequence[str], doc_ids
     """TREC run file: ``qid Q0 docid rank score run_name``, rank from 1, best first. Scores
     are printed with 9 significant digits, which round-trips float32: equal scores stay equal
     and the order is kept, so trec_eval sorts the file exactly as we ranked."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
+    with atomic_path(path) as part, open(part, "w", encoding="utf-8") as out:
         for row, qid in enumerate(query_ids):
             hits = int(result.num_hits[row])
             docs = result.doc_index[row, :hits].tolist()
@@ -414,7 +320,6 @@ def write_trec_run(path, result: SearchResult, query_ids: Sequence[str], doc_ids
                 f"{qid} Q0 {doc_ids[d]} {rank} {score:.9g} {run_name}\n"
                 for rank, (d, score) in enumerate(zip(docs, scores), start=1)
             )
-    os.replace(tmp, path)
 
 
 def judged_query_ids(qrels: dict) -> list[str]:

@@ -16,11 +16,15 @@ within float32 rounding). Usage (from the repository root):
 
   python bench/bench_retrieval.py                         # 1M documents, 500 queries
   python bench/bench_retrieval.py --docs 200000 --queries 200
+  # MS MARCO scale (8.8M passages, ~10 GB of RAM, ~10 GB of disk for the shards): build time, peak RAM, latency
+  flock /tmp/bigmem.lock python bench/bench_retrieval.py --docs 8841823 --queries 200 --doc_terms 110 150 \
+      --query_terms 32 32 --shards_dir /tmp/shards
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -71,61 +75,105 @@ def scipy_top_k(queries: sp.csr_matrix, postings: sp.csr_matrix, k: int, batch: 
     return top
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=1_000_000)
-    parser.add_argument("--queries", type=int, default=500)
-    parser.add_argument("--scipy_queries", type=int, default=100, help="scipy is slow: time it on fewer")
-    parser.add_argument("--k", type=int, default=1000)
-    parser.add_argument("--offset", type=float, default=40.0, help="flattens the head of the term distribution")
-    args = parser.parse_args()
+def write_shards(rows: int, low: int, high: int, p: np.ndarray, directory: Path, shard_rows: int = 400_000):
+    """The documents as .npz shard files, generated one shard at a time: never all in memory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, start in enumerate(range(0, rows, shard_rows)):
+        paths.append(directory / f"docs-{i:04d}.npz")
+        part = synthetic_vectors(min(shard_rows, rows - start), low, high, p, seed=1000 + i)
+        sp.save_npz(paths[-1], part, compressed=False)
+    return paths
 
-    p = term_distribution(args.offset)
-    started = time.perf_counter()
-    docs = synthetic_vectors(args.docs, 100, 150, p, seed=1)
-    queries = synthetic_vectors(args.queries, 20, 40, p, seed=2)
-    print(
-        f"data: {args.docs:,} docs x {docs.nnz / args.docs:.1f} terms, {args.queries} queries x "
-        f"{queries.nnz / args.queries:.1f} terms ({time.perf_counter() - started:.0f} s to generate)"
-    )
 
-    started = time.perf_counter()
-    index = retrieval.build_index(docs)
-    build_seconds = time.perf_counter() - started
-    print(
-        f"index: {index.nbytes / 2**30:.2f} GiB ({index.nbytes / index.nnz:.2f} bytes/posting), "
-        f"built in {build_seconds:.1f} s; FLOPS statistic {retrieval.flops_statistic(queries, index):.2f}; "
-        f"process RSS {psutil.Process().memory_info().rss / 2**30:.1f} GiB"
-    )
-
-    retrieval.search(index, queries[:2], k=args.k)  # compile
-    threads = numba.config.NUMBA_NUM_THREADS
-    timings = {}
-    for n_threads in sorted({1, threads}):
-        numba.set_num_threads(n_threads)
+def latencies_ms(index, queries, k: int, n_threads: int) -> tuple[float, float, float]:
+    """p50 and p99 of one-query calls, and ms/query of one call over all queries, with n numba threads.
+    A query is scored by one thread: threads add throughput over a batch, not speed to a single query."""
+    numba.set_num_threads(n_threads)
+    single = []
+    for q in range(queries.shape[0]):
         started = time.perf_counter()
-        result = retrieval.search(index, queries, k=args.k)
-        timings[n_threads] = (time.perf_counter() - started) / args.queries * 1e3
-        print(f"ours, {n_threads} thread(s): {timings[n_threads]:.2f} ms/query")
-    numba.set_num_threads(threads)
-
-    postings = sp.csr_matrix(docs.T)  # terms x documents: scipy's inverted index
-    subset = queries[: args.scipy_queries]
-    scipy_top_k(subset[:2], postings, args.k)
+        retrieval.search(index, queries[q], k=k, method="kernel")
+        single.append((time.perf_counter() - started) * 1e3)
     started = time.perf_counter()
-    reference = scipy_top_k(subset, postings, args.k)
-    scipy_ms = (time.perf_counter() - started) / subset.shape[0] * 1e3
-    print(f"scipy (Q @ index, argpartition, sort), 1 thread: {scipy_ms:.2f} ms/query")
+    retrieval.search(index, queries, k=k, method="kernel")
+    batch = (time.perf_counter() - started) / queries.shape[0] * 1e3
+    return float(np.percentile(single, 50)), float(np.percentile(single, 99)), batch
 
+
+def compare_with_scipy(docs, queries, result, k: int, n_queries: int) -> float:
+    """ms/query of scipy on the first n_queries; prints the top-k agreement with ours."""
+    postings = sp.csr_matrix(docs.T)  # terms x documents: scipy's inverted index
+    subset = queries[:n_queries]
+    scipy_top_k(subset[:2], postings, k)
+    started = time.perf_counter()
+    reference = scipy_top_k(subset, postings, k)
+    scipy_ms = (time.perf_counter() - started) / subset.shape[0] * 1e3
     # Same documents: compare id lists, tolerating swaps between scores equal to float32 rounding.
-    exact = (queries[: subset.shape[0]] @ docs.T).toarray()
+    exact = (subset @ docs.T).toarray()
     mismatched = 0
     for q in range(subset.shape[0]):
         ours = result.doc_index[q]
         if not np.array_equal(ours, reference[q]):
             if not np.allclose(exact[q, ours], exact[q, reference[q]], rtol=1e-5, atol=0):
                 mismatched += 1
-    print(f"top-{args.k} agreement with scipy: {subset.shape[0] - mismatched}/{subset.shape[0]} queries")
+    print(f"scipy (Q @ index, argpartition, sort), 1 thread: {scipy_ms:.2f} ms/query")
+    print(f"top-{k} agreement with scipy: {subset.shape[0] - mismatched}/{subset.shape[0]} queries")
+    return scipy_ms
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--doc_terms", type=int, nargs=2, default=(100, 150), metavar=("LOW", "HIGH"))
+    parser.add_argument("--query_terms", type=int, nargs=2, default=(20, 40), metavar=("LOW", "HIGH"))
+    parser.add_argument("--scipy_queries", type=int, default=100, help="scipy is slow: time it on fewer; 0: skip")
+    parser.add_argument("--k", type=int, default=1000)
+    parser.add_argument("--offset", type=float, default=40.0, help="flattens the head of the term distribution")
+    parser.add_argument(
+        "--shards_dir", type=Path, help="MS MARCO scale: write the documents as shards here, index from them, no scipy"
+    )
+    args = parser.parse_args()
+
+    p = term_distribution(args.offset)
+    started = time.perf_counter()
+    if args.shards_dir:
+        docs = write_shards(args.docs, *args.doc_terms, p, args.shards_dir)
+    else:
+        docs = synthetic_vectors(args.docs, *args.doc_terms, p, seed=1)
+    queries = synthetic_vectors(args.queries, *args.query_terms, p, seed=2)
+    print(
+        f"data: {args.docs:,} docs, {args.queries} queries x {queries.nnz / args.queries:.1f} terms "
+        f"({time.perf_counter() - started:.0f} s to generate); RSS {psutil.Process().memory_info().rss / 2**30:.1f} GiB"
+    )
+
+    started = time.perf_counter()
+    index = retrieval.build_index(docs)
+    build_seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print(
+        f"index: {index.nnz / index.num_docs:.1f} terms/doc, {index.nbytes / 2**30:.2f} GiB "
+        f"({index.nbytes / index.nnz:.2f} bytes/posting), built in {build_seconds:.1f} s; peak RSS {peak:.1f} GiB; "
+        f"FLOPS statistic {retrieval.flops_statistic(queries, index):.2f}"
+    )
+
+    started = time.perf_counter()
+    retrieval.search(index, queries[:2], k=args.k, method="kernel")
+    print(f"first kernel call (compiles unless numba's cache has it): {time.perf_counter() - started:.1f} s")
+    threads = numba.config.NUMBA_NUM_THREADS
+    timings = {}
+    for n_threads in sorted({1, threads}):
+        p50, p99, timings[n_threads] = latencies_ms(index, queries, args.k, n_threads)
+        print(
+            f"ours, {n_threads} thread(s): one query per call p50 {p50:.1f} ms, p99 {p99:.1f} ms; "
+            f"all queries in one call {timings[n_threads]:.2f} ms/query"
+        )
+    numba.set_num_threads(threads)
+    if args.shards_dir or not args.scipy_queries:
+        return
+    result = retrieval.search(index, queries[: args.scipy_queries], k=args.k, method="kernel")
+    scipy_ms = compare_with_scipy(docs, queries, result, args.k, args.scipy_queries)
     print(
         f"speed-up over scipy: {scipy_ms / timings[1]:.1f}x on 1 thread, {scipy_ms / timings[threads]:.1f}x "
         f"on {threads} threads"

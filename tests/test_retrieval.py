@@ -1,6 +1,8 @@
 """retrieval.py: the inverted index and exact top-k against brute force, and the measures against
 hand computations and pytrec_eval on a written run file."""
 
+import sys
+
 import numpy as np
 import pytest
 import pytrec_eval
@@ -42,10 +44,14 @@ def collection():
     return docs, queries, doc_ids
 
 
-def test_top_k_equals_brute_force_with_trec_tie_order(collection):
+METHODS = ("dense", "kernel")  # search's two paths: scipy score rows, the compiled inverted-index kernel
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_top_k_equals_brute_force_with_trec_tie_order(collection, method):
     docs, queries, doc_ids = collection
     ranks = trec_tie_ranks(doc_ids)
-    result = search(build_index(docs), queries, k=50, tie_ranks=ranks)
+    result = search(build_index(docs), queries, k=50, tie_ranks=ranks, method=method)
     expected, scores = brute_force_top_k(queries, docs, 50, ranks)
     ties = 0
     for q, hits in enumerate(expected):
@@ -60,18 +66,47 @@ def test_top_k_equals_brute_force_with_trec_tie_order(collection):
     assert ties > 100  # the data really exercises tie-breaking
 
 
-def test_short_result_lists_are_padded_and_exclusion_skips_one_doc(collection):
+@pytest.mark.parametrize("method", METHODS)
+def test_short_result_lists_are_padded_and_exclusion_skips_one_doc(collection, method):
     docs, queries, doc_ids = collection
     index = build_index(docs)
-    result = search(index, queries, k=3000)  # more than any query touches
+    result = search(index, queries, k=3000, method=method)  # more than any query touches
     _, scores = brute_force_top_k(queries, docs, 3000, np.arange(docs.shape[0]))
     assert result.num_hits.tolist() == (scores > 0).sum(1).tolist()
     first_pad = result.num_hits[0]
     assert (result.doc_index[0, first_pad:] == -1).all()
 
     excluded = result.doc_index[:, 0].astype(np.int64)  # drop each query's best hit
-    without = search(index, queries, k=10, exclude=excluded)
+    without = search(index, queries, k=10, exclude=excluded, method=method)
     assert (without.doc_index[:, :9] == result.doc_index[:, 1:10]).all()
+    assert search(index, queries[:2], k=5000, method=method).doc_index.shape == (2, 5000)  # k > documents
+
+
+def test_dense_and_kernel_paths_agree_bit_for_bit_with_ties_and_self_hits(collection):
+    """Same hits, same order, same float32 scores: the choice by size can never change a metric."""
+    docs, queries, doc_ids = collection
+    index, ranks = build_index(docs), trec_tie_ranks(doc_ids)
+    exclude = np.full(queries.shape[0], -1, dtype=np.int64)
+    exclude[::2] = search(index, queries[::2], k=1, method="dense").doc_index[:, 0]  # a self hit to drop
+    dense, kernel = (
+        search(index, queries, k=200, tie_ranks=ranks, exclude=exclude, method=method, block_docs=512)
+        for method in METHODS
+    )
+    np.testing.assert_array_equal(dense.num_hits, kernel.num_hits)
+    np.testing.assert_array_equal(dense.doc_index, kernel.doc_index)
+    np.testing.assert_array_equal(dense.scores.view(np.int32), kernel.scores.view(np.int32))
+    assert not (dense.doc_index[::2] == exclude[::2, None]).any()
+    expected, _ = brute_force_top_k(queries, docs, 200, ranks, exclude)
+    assert [dense.doc_index[q, : dense.num_hits[q]].tolist() for q in range(len(expected))] == expected
+
+
+def test_auto_method_scores_small_searches_densely(collection, monkeypatch):
+    docs, queries, _ = collection
+    index = build_index(docs)
+    monkeypatch.setitem(sys.modules, "search_kernel", None)  # importing the kernel would now fail
+    search(index, queries, k=10)  # 40 x 3000 cells: dense
+    with pytest.raises(ImportError):
+        search(index, queries, k=10, method="kernel")
 
 
 def test_index_from_shard_files_equals_index_from_one_matrix(collection, tmp_path):
@@ -82,6 +117,13 @@ def test_index_from_shard_files_equals_index_from_one_matrix(collection, tmp_pat
         sp.save_npz(paths[-1], docs[start : start + 700])
     whole, sharded = build_index(docs), build_index(paths)
     assert sharded.num_docs == whole.num_docs == 3000
+    # Unsorted entries, a duplicate (split weight) and explicit zeros index like the clean matrix.
+    clean = sp.csr_matrix(np.array([[0.5, 0, 2.0], [0, 1.0, 0]], dtype=np.float32))
+    data, indices = np.array([2.0, 0.25, 0.25, 0.0, 1.0], dtype=np.float32), np.array([2, 0, 0, 1, 1])
+    messy = sp.csr_matrix((data, indices, np.array([0, 3, 5])), shape=(2, 3))
+    for name in ("term_ptr", "doc_index", "weights"):
+        np.testing.assert_array_equal(getattr(build_index(messy), name), getattr(build_index(clean), name))
+    np.testing.assert_array_equal(messy.data, data)  # the caller's matrix is left as it was
     for name in ("term_ptr", "doc_index", "weights"):
         np.testing.assert_array_equal(getattr(sharded, name), getattr(whole, name))
     # Posting lists are the CSC form of the matrix.
@@ -161,10 +203,10 @@ def test_run_file_rescored_by_pytrec_eval_gives_the_same_numbers(collection, tmp
     lines = [line.split() for line in path.read_text().splitlines()]
     assert all(len(fields) == 6 and fields[1] == "Q0" and fields[5] == "test" for fields in lines)
     run = {}
-    for qid, _, doc, rank, score, _ in lines:
+    for qid, _, doc, _rank, score, _ in lines:
         run.setdefault(qid, {})[doc] = float(score)
     # trec_eval ignores the rank column and sorts by score, then docno descending: our order.
-    for qid, hits in run.items():
+    for hits in run.values():
         trec_order = sorted(sorted(hits, reverse=True), key=lambda d: -hits[d])  # stable: ties keep id desc
         assert trec_order == list(hits)
     judged = [q for q in qrels if any(r > 0 for r in qrels[q].values())]
