@@ -26,6 +26,7 @@ import numpy as np
 from sentence_transformers.base.evaluation.evaluator import BaseEvaluator  # SentenceEvaluator is its old name
 
 import retrieval
+from data.download import download_dev_small, file_lock
 from data.readers import DataError, iter_id_text, read_qrels, read_query_texts
 from encoding import encode, model_on_device, resolve_precision
 
@@ -82,6 +83,9 @@ def dev_subset(data_dir, num_queries: int = 500, corpus_size: int = 100_000, see
     """num_queries MS MARCO dev-small queries against their relevant passages plus a fixed random sample of
     corpus_size passages of collection.tsv (all of it when it is that small). Deterministic from the seed."""
     data_dir = Path(data_dir)
+    if not (data_dir / QUERIES_FILE).exists() or not (data_dir / QRELS_FILE).exists():
+        with file_lock(data_dir / ".download.lock"):  # one torchrun rank downloads, the others wait
+            download_dev_small(data_dir)
     queries = read_query_texts(data_dir / QUERIES_FILE)
     qrels, _ = read_qrels(data_dir / QRELS_FILE)
     chosen = choose_queries(qrels, queries, num_queries, seed)

@@ -1,7 +1,8 @@
 """One base for every error a user can fix (bad input, missing data, a failed download).
 
-Each entry point (the training scripts, evaluate.py, python -m data.*) runs its main() through `main_exits_2_on_user_error`:
-a UserError prints its message and exits 2 without a traceback; every other exception is a bug and keeps its traceback.
+Each entry point (the training scripts, evaluate.py, python -m data.*) runs its main() through
+`main_exits_2_on_user_error`: a UserError prints its message and exits 2 without a traceback; every other exception
+is a bug and keeps its traceback.
 """
 
 import sys

@@ -120,7 +120,8 @@ class MultipleNegativesRankingLossSplade(_SpladeLoss):
 
 
 class MarginMSELossSplade(_SpladeLoss):
-    """DistilSplade: MSE of (q.pos - q.neg) against the cross-encoder margin + lambda_d (FLOPS(pos) + FLOPS(neg)) + lambda_q FLOPS(q).
+    """DistilSplade: MSE of (q.pos - q.neg) against the cross-encoder margin
+    + lambda_d (FLOPS(pos) + FLOPS(neg)) + lambda_q FLOPS(q).
 
     Inputs: (query, positive, negative) and labels = CE(q, pos) - CE(q, neg).
     """

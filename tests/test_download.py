@@ -15,13 +15,13 @@ import time
 import zipfile
 
 import pytest
-from local_servers import FileServer
 
 import data.download as download
 from conftest import CE, HN, SAMPLE
 from data import fetch
 from data.mining import mine_max_examples
 from errors import UserError, main_exits_2_on_user_error
+from local_servers import FileServer
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import zipfile
 import numpy as np
 import pytest
 import pytrec_eval
-from local_servers import FileServer
 from sentence_transformers import SparseEncoder
 from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
 
@@ -19,6 +18,7 @@ import evaluate
 from conftest import BEIR
 from data import eval_sets, readers
 from errors import UserError, main_exits_2_on_user_error
+from local_servers import FileServer
 
 MAX_SEQ_LENGTH = 128
 
