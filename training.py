@@ -110,14 +110,15 @@ def parse_args(description: str, hyperparameters: dict, sample: dict, argv: list
     if "--sample" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**sample, data_dir=str(SAMPLE_DIR))
     args = parser.parse_args(argv)
-    check_args(args, hyperparameters)
+    given = sys.argv[1:] if argv is None else argv
+    for name in [*IGNORED_FLAGS, "max_passages"]:
+        if name not in hyperparameters and any(flag.split("=")[0] == f"--{name}" for flag in given):
+            print(f"warning: --{name} has no effect (as in the original script)", file=sys.stderr)
+    check_args(args)
     return args
 
 
-def check_args(args: argparse.Namespace, hyperparameters: dict) -> None:
-    for name, default in {**IGNORED_FLAGS, "max_passages": 0}.items():
-        if name not in hyperparameters and getattr(args, name) != default:
-            print(f"warning: --{name} has no effect (as in the original script)", file=sys.stderr)
+def check_args(args: argparse.Namespace) -> None:
     if args.lambda_q < 0 or args.lambda_d < 0:
         raise UserError(f"--lambda_q and --lambda_d must be >= 0 (got {args.lambda_q}, {args.lambda_d})")
     if args.train_batch_size < 2:

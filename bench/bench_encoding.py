@@ -29,23 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, SHARED, add_model_arguments  # noqa: E402  (benchmarks run as scripts)
 
 VARIANTS = ("st", "fp32", "screened", "bf16")
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument(
-    "--model",
-    default=str(SHARED / "models" / "splade-tiny"),
-    help="checkpoint directory, or 'distilbert-random' (DistilBERT-shaped random masked-LM)",
-)
-parser.add_argument(
-    "--decoder-bias",
-    type=float,
-    default=0.0,
-    help="distilbert-random only: constant vocabulary bias. 0 = plain init, every term active (the dense "
-    "worst case of the lean head); -2.15 leaves ~250 active terms per 256-token document, as a trained SPLADE",
-)
+add_model_arguments(parser)
 parser.add_argument("--corpus", default=str(SHARED / "data" / "beir" / "cisi" / "corpus.jsonl"))
 parser.add_argument("--docs", type=int, default=0, help="encode the first N documents (0: all)")
 parser.add_argument("--batch-size", type=int, default=32)

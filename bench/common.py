@@ -12,6 +12,22 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+def add_model_arguments(parser) -> None:
+    """--model and --decoder-bias, as every benchmark that trains or encodes takes them."""
+    parser.add_argument(
+        "--model",
+        default=str(SHARED / "models" / "splade-tiny"),
+        help="checkpoint directory, or 'distilbert-random' (DistilBERT-shaped random masked-LM)",
+    )
+    parser.add_argument(
+        "--decoder-bias",
+        type=float,
+        default=0.0,
+        help="distilbert-random only: constant vocabulary bias. 0 = plain init, every term active (the dense "
+        "worst case of the lean head); -2.15 leaves ~250 active terms per 256-token document, as a trained SPLADE",
+    )
+
+
 def cpu_counters() -> tuple[int, int, int]:
     """(all jiffies, idle jiffies, this process's jiffies) from /proc: what others used is the rest of the busy time."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]

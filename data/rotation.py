@@ -76,7 +76,10 @@ class EpochRotationBatchSampler(DefaultBatchSampler):
             batch_size=batch_size,
             drop_last=drop_last,
             valid_label_columns=valid_label_columns,
-            generator=generator,
+            # The order comes from numpy, seeded by (seed, epoch). A torch.Generator would also travel to every
+            # data-loader worker (the dataset's set_epoch below holds this sampler), and under `spawn` torch
+            # cannot share its state tensor ("unable to resize file"): keep none.
+            generator=None,
             seed=seed,
         )
         self.queries_per_epoch = getattr(dataset, "rotation_queries_per_epoch", None)
