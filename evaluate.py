@@ -26,7 +26,7 @@ rank 0 waits for the shards, indexes and scores).
 
 This file is the command line and the orchestration: data/eval_sets.py turns names into data sets
 (data/download.py fetches, data/readers.py reads), encoding.py turns texts into cached vectors,
-retrieval.py indexes, searches and scores.
+retrieval/ indexes, searches and scores.
 """
 
 from __future__ import annotations
