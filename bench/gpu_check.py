@@ -183,14 +183,17 @@ def dev_mrr(stdout: str) -> tuple[float | None, float | None]:
 
 def reload_checks(ctx: Context, output_dir: str) -> list[dict]:
     """The run folder's final model loads with sentence-transformers' SparseEncoder; its query vectors are finite
-    and not all zero (zeroed under --inject-fault)."""
+    and not all zero (under --inject-fault: zeros and one NaN)."""
     from sentence_transformers import SparseEncoder
 
     if not (Path(output_dir) / "config.json").is_file():
         return [compare("final model loads with SparseEncoder", False, "==", True, error="no final model")]
     queries = ["what is the capital of france", "how long to boil an egg", "symptoms of the flu"]
     vectors = SparseEncoder(output_dir, device=ctx.device).encode_query(queries, convert_to_tensor=True)
-    vectors = (vectors.to_dense() if vectors.is_sparse else vectors).float() * (0.0 if ctx.fault else 1.0)
+    vectors = (vectors.to_dense() if vectors.is_sparse else vectors).float()
+    if ctx.fault:
+        vectors = torch.zeros_like(vectors)
+        vectors[0, 0] = float("nan")
     active = (vectors > 0).sum(dim=1)
     return [
         compare("reloaded model: vectors finite", bool(torch.isfinite(vectors).all()), "==", True),
