@@ -4,7 +4,8 @@
   int64 term offsets, int32 document numbers, float32 weights), built from one matrix or from
   shard files one at a time so the document matrix never has to be in memory twice.
 - ``search``: exact top-k by score = sum over the query's terms of q_w * d_w. Small searches (up to
-  DENSE_SEARCH_CELLS queries x documents, e.g. a BEIR set or the in-training dev subset) score whole
+  DENSE_SEARCH_CELLS queries x documents over at most DENSE_MAX_DOCS documents, e.g. most BEIR sets or
+  the in-training dev subset) score whole
   rows with scipy; larger ones use retrieval/kernel.py, a term-at-a-time numba kernel over cache-sized
   blocks of documents with queries spread over threads, compiled (and numba imported) only then. Both
   add in the same order and return identical results. Ties: score descending, then document id
@@ -168,6 +169,9 @@ RANK_LIMIT = (1 << 32) - 1
 # Up to this many query-document cells, search() scores densely with scipy (a few seconds at most)
 # rather than compile the kernel, which costs 15-60 s on a fresh checkout (once; numba caches it).
 DENSE_SEARCH_CELLS = 100_000_000
+# ... and only over collections this small: a dense score row costs time in proportion to the collection
+# for every query, so one query over 1M documents took 70 ms densely against 15 ms in the kernel.
+DENSE_MAX_DOCS = 1 << 17
 # Score rows per dense block: 2**22 cells of int64 keys = 32 MiB.
 DENSE_BLOCK_CELLS = 1 << 22
 
@@ -218,7 +222,8 @@ def search(
     evaluate.py passes ``trec_tie_ranks(doc_ids)``). ``exclude[q]``: a document number never
     returned for query q (BEIR's rule that a query does not retrieve itself), -1 for none.
     ``method``: 'dense' (scipy score rows), 'kernel' (the compiled inverted-index kernel of
-    retrieval/kernel.py) or 'auto': dense up to DENSE_SEARCH_CELLS queries x documents. Both give
+    retrieval/kernel.py) or 'auto': dense up to DENSE_SEARCH_CELLS queries x documents over at most
+    DENSE_MAX_DOCS documents. Both give
     the same hits in the same order with the same scores."""
     queries = _as_csr_float32(query_vectors, "query vectors")
     if queries.shape[1] > index.vocab_size:
@@ -245,7 +250,8 @@ def search(
         raise ValueError("search: tie_ranks must be a permutation of 0..num_docs-1")
 
     if method == "auto":
-        method = "dense" if num_queries * index.num_docs <= DENSE_SEARCH_CELLS else "kernel"
+        small = index.num_docs <= DENSE_MAX_DOCS and num_queries * index.num_docs <= DENSE_SEARCH_CELLS
+        method = "dense" if small else "kernel"
     with tqdm(total=num_queries, desc="search", unit="q", disable=not show_progress) as bar:
         if method == "dense":
             postings = sp.csr_matrix(

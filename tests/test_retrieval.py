@@ -107,6 +107,11 @@ def test_auto_method_scores_small_searches_densely(collection, monkeypatch):
     search(index, queries, k=10)  # 40 x 3000 cells: dense
     with pytest.raises(ImportError):
         search(index, queries, k=10, method="kernel")
+    # One query over a collection above DENSE_MAX_DOCS is few cells, but a dense row per query costs the
+    # whole collection: the compiled kernel takes it (1 query x 1M documents: 70 ms dense, 15 ms kernel).
+    monkeypatch.setattr("retrieval.index.DENSE_MAX_DOCS", 1000)
+    with pytest.raises(ImportError):
+        search(index, queries[:1], k=10)
 
 
 def test_index_from_shard_files_equals_index_from_one_matrix(collection, tmp_path):
