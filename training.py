@@ -297,13 +297,13 @@ class SpladeTrainer(SparseEncoderTrainer):
             return
         terms = {name: float(term) for name, term in self.last_terms.items()}
         if not self.args.fp16:
-            self._stop("the loss is not finite (on at least one rank)", f"loss terms here: {terms}")
+            self._stop("the loss is not finite (on at least one rank)", f"loss terms: {terms}")
         self.skipped_steps += 1
         if self.skipped_steps > self.max_skipped_steps:
             self._stop(
                 f"the loss has not been finite for {self.skipped_steps} steps in a row under fp16 loss scaling "
                 f"(--max_skipped_steps {self.max_skipped_steps})",
-                f"loss terms here: {terms}",
+                f"loss terms: {terms}",
             )
         print(
             f"warning: step {self.state.global_step}: the loss is not finite (fp16 overflow); GradScaler skips this "
