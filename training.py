@@ -272,6 +272,14 @@ class SpladeTrainer(SparseEncoderTrainer):
         self.skipped_steps = 0
         self.zero_logs = 0
         self.last_terms: dict[str, torch.Tensor] = {}
+        # The card's training-set size: sentence-transformers counted the rotation's epochs x queries virtual rows.
+        queries = getattr(self.train_dataset, "rotation_queries_per_epoch", None)
+        card = self.model.model_card_data
+        if queries:
+            for info in card.train_datasets:
+                if "size" in info:
+                    info["size"] = queries
+            card.tags = [f"dataset_size:{queries}" if t.startswith("dataset_size:") else t for t in card.tags or []]
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return [name for name, _ in model.named_parameters() if not any(nd in name for nd in self.no_decay)]
