@@ -113,14 +113,12 @@ class _KeptLines:
         self.replaced += qid in self.latest
         self.latest[qid] = len(self.qids)
         self.qids.append(qid)
-        for pid, score in mined.positives:
-            self.pos_pid.append(pid)
-            self.pos_ce.append(score)
+        self.pos_pid.extend([pid for pid, _ in mined.positives])
+        self.pos_ce.extend([score for _, score in mined.positives])
         self.pos_count.append(len(mined.positives))
-        for pid, system in mined.negatives:
-            self.neg_pid.append(pid)
-            self.neg_ce.append(scores[pid])
-            self.neg_system.append(system_ids[system])
+        self.neg_pid.extend([pid for pid, _ in mined.negatives])
+        self.neg_ce.extend([scores[pid] for pid, _ in mined.negatives])
+        self.neg_system.extend([system_ids[system] for _, system in mined.negatives])
         self.neg_count.append(len(mined.negatives))
 
     def arrays(self):
@@ -259,12 +257,12 @@ def _build_training_set(collection_path, queries, lines, counts, seed, report):
     if len(without_negatives):
         no_pool = _add_random_negatives(lines, without_negatives, report["params"]["num_negs_per_system"], seed)
         counts.dropped["no_negative_and_no_random_pool"] += no_pool
-    needed = np.unique(np.concatenate([lines["pos_pid"], lines["neg_pid"]]))
+    needed = _sorted_unique(np.concatenate([lines["pos_pid"], lines["neg_pid"]]))
     passages, collection_stats = _load_passages(collection_path, needed)
     ex, keep_query = _drop_missing_passages(lines, passages, counts)
     _shuffle_negatives(ex, passages, seed)
 
-    used = np.unique(np.concatenate([ex["pos_idx"], ex["neg_idx"]]))  # drop what only dropped queries referenced
+    used = _sorted_unique(np.concatenate([ex["pos_idx"], ex["neg_idx"]]))  # drop what only dropped queries referenced
     if len(used) < len(passages):
         passages = passages.subset(used)
         ex["pos_idx"], ex["neg_idx"] = np.searchsorted(used, ex["pos_idx"]), np.searchsorted(used, ex["neg_idx"])
@@ -298,6 +296,15 @@ def _build_training_set(collection_path, queries, lines, counts, seed, report):
     )
 
 
+def _sorted_unique(ids):
+    """np.unique of non-negative ids, by marking them in a mask where that is small (several times faster)."""
+    if len(ids) == 0 or int(ids.max()) > 4 * len(ids) + 10_000_000:
+        return np.unique(ids)
+    mask = np.zeros(int(ids.max()) + 1, dtype=bool)
+    mask[ids] = True
+    return np.flatnonzero(mask).astype(ids.dtype)
+
+
 def _sorted_nonzero(counter):
     return dict(sorted((k, v) for k, v in counter.items() if v))
 
@@ -306,7 +313,7 @@ def _add_random_negatives(lines, queries, k, seed):
     """Give each query in `queries` (indexes of queries without negatives) k random negatives drawn from the
     pool of mined negatives, never one of its own positives. Updates `lines`; returns how many queries are
     left without (empty pool)."""
-    pool = np.unique(lines["neg_pid"])
+    pool = _sorted_unique(lines["neg_pid"])
     pos_ptr = np.concatenate([[0], np.cumsum(lines["pos_count"])])
     neg_ptr = np.concatenate([[0], np.cumsum(lines["neg_count"])])
     rng = np.random.default_rng([seed % 2**63, 1])
