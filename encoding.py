@@ -52,7 +52,7 @@ def load_model(model_or_path, max_seq_length: int | None = None):
 
     try:
         return load_splade(str(model_or_path), max_seq_length=max_seq_length)
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError) as error:  # a TypeError is a bug: it keeps its traceback
         raise ModelError(f"model {model_or_path}: {error}") from None
 
 

@@ -172,6 +172,9 @@ def test_model_card_is_sentence_transformers_own_plus_the_recipe(max_run):
     card = (output_dir / "README.md").read_text()
     assert "library_name: sentence-transformers" in card and "SparseEncoder" in card  # ST's generated card
     assert "## SPLADE recipe" in card and "| lambda_q | 0.0008 |" in card and "sample-dev mrr@10" in card
+    # the training set is the mined queries, not the rotation's epochs x queries rows
+    queries = json.loads((output_dir / "mining_report.json").read_text())["queries_kept"]
+    assert f"dataset_size:{queries}" in card and f"* Size: {queries:,} training samples" in card
 
 
 def test_saved_model_reloads_in_sparse_encoder_with_identical_vectors(max_run):
