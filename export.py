@@ -112,10 +112,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device")
     args = parser.parse_args(argv)
-    corpus_file = args.corpus / "corpus.jsonl" if args.corpus.is_dir() else args.corpus
-    if not corpus_file.is_file():
-        raise UserError(f"{args.corpus}: no corpus (a BEIR folder with corpus.jsonl, or collection.tsv)")
-    queries_file = args.queries or (args.corpus / "queries.jsonl" if args.corpus.is_dir() else None)
+    def in_folder(stem):  # BEIR folders hold name.jsonl or name.jsonl.gz
+        found = [args.corpus / f"{stem}{ext}" for ext in (".jsonl", ".jsonl.gz")]
+        return next((path for path in found if path.is_file()), None)
+
+    corpus_file = in_folder("corpus") if args.corpus.is_dir() else args.corpus
+    if corpus_file is None or not corpus_file.is_file():
+        raise UserError(f"{args.corpus}: no corpus (a BEIR folder with corpus.jsonl[.gz], or collection.tsv)")
+    queries_file = args.queries or (in_folder("queries") if args.corpus.is_dir() else None)
     model = load_model(args.model, args.max_seq_length)
     vocab = [t for t, _ in sorted(model.tokenizer.get_vocab().items(), key=lambda item: item[1])]
     with model_on_device(model, args.max_seq_length, args.device) as device:
