@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device")
     args = parser.parse_args(argv)
+
     def in_folder(stem):  # BEIR folders hold name.jsonl or name.jsonl.gz
         found = [args.corpus / f"{stem}{ext}" for ext in (".jsonl", ".jsonl.gz")]
         return next((path for path in found if path.is_file()), None)
