@@ -47,7 +47,7 @@ import torch
 import retrieval
 from data.atomic import write_text_atomic
 from data.eval_sets import DEFAULT_CACHE_DIR, EvalSet, resolve_datasets
-from encoding import Encoder, load_model, log, model_fingerprint, model_on_device, resolve_precision
+from encoding import SHARD_TIMEOUT, Encoder, load_model, log, model_fingerprint, model_on_device, resolve_precision
 from errors import UserError, main_exits_2_on_user_error
 
 TOP_K = 1000
@@ -138,6 +138,7 @@ def evaluate_model(
     keep_self_hits: bool = False,
     distributed: bool = False,
     show_progress: bool = True,
+    shard_timeout: float = SHARD_TIMEOUT,
 ) -> dict | None:
     """Evaluate a model (a SparseEncoder or a path / hub id) on data sets and return the metrics,
     the same dict that ``output_dir/metrics.json`` receives:
@@ -150,8 +151,9 @@ def evaluate_model(
     (see data.eval_sets.resolve_datasets) or EvalSet objects. ``keep_self_hits``: do not apply BEIR's
     rule that drops a hit whose id equals the query id. ``cache_dir=None``: no cache (vectors in a
     temporary directory). ``distributed=True``: call on every torchrun rank; documents are encoded by
-    all ranks, the rest by rank 0, which alone returns the metrics (others return None). Call it on
-    rank 0 only with distributed=False (the default)."""
+    all ranks, the rest by rank 0, which alone returns the metrics (others return None); rank 0 gives up
+    when no other rank's shard has appeared for ``shard_timeout`` seconds. Call it on rank 0 only with
+    distributed=False (the default)."""
     rank, world_size = distributed_rank() if distributed else (0, 1)
     sets = eval_sets_of(datasets, data_dir, cache_dir or DEFAULT_CACHE_DIR, beir_split, download, keep_self_hits)
     if cache_dir is None and world_size > 1:
@@ -172,8 +174,9 @@ def evaluate_model(
         precision = resolve_precision(precision, device)
         cache_root = Path(cache) / "doc_vectors"
         encoder = Encoder(
-            model, fingerprint, cache_root, batch_size, device, precision, rank, world_size, show_progress
-        )
+            model, fingerprint, cache_root, batch_size, device, precision, rank, world_size, show_progress,
+            shard_timeout,
+        )  # fmt: skip
         results = {}
         # Data sets over the same corpus (MS MARCO dev, DL19, DL20) share one encoding and one index.
         corpora = {}
@@ -333,6 +336,12 @@ def parse_args(argv=None):
     parser.add_argument("--top_k", type=int, default=TOP_K, help="hits per query in runs and metrics")
     parser.add_argument("--run_name", help="last column of the run files (default: the model's folder name)")
     parser.add_argument("--no_runs", action="store_true", help="do not write TREC run files")
+    parser.add_argument(
+        "--shard_timeout",
+        type=float,
+        default=SHARD_TIMEOUT,
+        help="torchrun: seconds the first process waits without a new shard from the others",
+    )
     return parser.parse_args(argv)
 
 
@@ -367,6 +376,7 @@ def main(argv=None) -> int:
         run_name=args.run_name,
         keep_self_hits=args.keep_self_hits,
         distributed=world_size > 1,
+        shard_timeout=args.shard_timeout,
     )
     if results is not None:
         print(results_table(results, model_name))
