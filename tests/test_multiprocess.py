@@ -19,6 +19,8 @@ import zipfile
 import pytest
 from sentence_transformers import SparseEncoder
 
+import encoding
+import evaluate
 from conftest import BEIR, CE, HN, ROOT, SAMPLE
 from data.atomic import atomic_path, part_name
 from encoding import ShardsMissing, wait_for_shards
@@ -298,7 +300,7 @@ with open(os.path.join(OUT, f"timeout-rank{RANK}"), "w") as f:
 
 
 @pytest.mark.slow
-def test_torchrun_training_evaluates_on_every_process_and_builds_the_dev_subset_once(tmp_path):
+def test_torchrun_training_evaluates_on_every_process_and_builds_the_dev_subset_once(tmp_path, monkeypatch):
     run = tmp_path / "run"
     args = [*TRAIN, "--max_steps", "2", "--eval_steps", "2", "--evaluate", "--ddp_timeout", "1234",
             "--output_dir", run]  # fmt: skip
@@ -314,3 +316,8 @@ def test_torchrun_training_evaluates_on_every_process_and_builds_the_dev_subset_
     assert metrics["msmarco-dev"]["num_queries"] == 150 and metrics["msmarco-dev"]["num_docs"] == 3358
     card = (run / "README.md").read_text()
     assert card.index("## SPLADE recipe") < card.index("### Final evaluation") and '"msmarco-dev"' in card
+    # It evaluated the saved folder: `evaluate.py <run folder>` finds the document vectors in the cache.
+    monkeypatch.setattr(encoding, "SHARD_SIZE", 1000)
+    again = evaluate.evaluate_model(str(run), ["msmarco"], data_dir=SAMPLE, cache_dir=tmp_path / "cache")
+    assert again["msmarco-dev"]["doc_vectors_cached"]
+    assert without_timings(again) == without_timings(metrics)
