@@ -55,7 +55,7 @@ def load_model(model_or_path, max_seq_length: int | None = None):
 
     try:
         return load_splade(str(model_or_path), max_seq_length=max_seq_length)
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError) as error:  # a TypeError is a bug: it keeps its traceback
         raise ModelError(f"model {model_or_path}: {error}") from None
 
 
@@ -229,7 +229,9 @@ def document_vectors(
         log(f"document vectors of {corpus_file.name} from the cache: {directory}")
         return DocVectors([directory / name for name in info["shards"]], doc_ids, 0.0, True)
 
-    doc_ids, texts = read_corpus(corpus_file)
+    # Each rank holds the texts of its own shards only (the ids of all: rank 0 writes them).
+    mine = None if world_size == 1 else lambda k: (k // SHARD_SIZE) % world_size == rank
+    doc_ids, texts = read_corpus(corpus_file, keep=mine)
     shards = [directory / f"docs-{i:05d}.npz" for i in range(math.ceil(len(texts) / SHARD_SIZE))]
     started = time.perf_counter()
     for i, shard in enumerate(shards):

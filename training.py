@@ -98,6 +98,8 @@ def parse_args(description: str, hyperparameters: dict, sample: dict, argv: list
     add("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
         help="auto: bf16 on GPUs that compute it natively (compute capability >= 8), else fp16 with loss scaling "
         "(the original); fp32 on CPU")  # fmt: skip
+    add("--optimizer", choices=["legacy_adamw", "torch_adamw"], default="legacy_adamw",
+        help="legacy_adamw: the original's transformers.AdamW (optimizer.py), or torch.optim.AdamW")  # fmt: skip
     add("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (quick runs)")
     add("--save_total_limit", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
     add("--logging_steps", type=int, default=100, help="log loss terms, lambdas and active dims every N steps")
@@ -295,6 +297,14 @@ class SpladeTrainer(SparseEncoderTrainer):
         self.collapse_patience = collapse_patience
         self.zero_logs = 0
         self.last_terms: dict[str, torch.Tensor] = {}
+        # The card's training-set size: sentence-transformers counted the rotation's epochs x queries virtual rows.
+        queries = getattr(self.train_dataset, "rotation_queries_per_epoch", None)
+        card = self.model.model_card_data
+        if queries:
+            for info in card.train_datasets:
+                if "size" in info:
+                    info["size"] = queries
+            card.tags = [f"dataset_size:{queries}" if t.startswith("dataset_size:") else t for t in card.tags or []]
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return [name for name, _ in model.named_parameters() if not any(nd in name for nd in self.no_decay)]

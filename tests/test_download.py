@@ -193,6 +193,25 @@ def test_file_lock_makes_a_second_process_wait(tmp_path):
     assert waited > 0.5
 
 
+def test_file_lock_where_no_lock_file_can_be_made_still_makes_a_second_process_wait(tmp_path):
+    """A read-only data folder (here: a lock path under a plain file, which fails for root too): the lock moves to
+    the temporary folder instead of vanishing."""
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "a-file" / "x.lock"
+    code = (
+        "import sys, time\nfrom data.download import file_lock\n"
+        "with file_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(1.0)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(SAMPLE.parents[1]))
+    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, env=env, text=True)
+    assert child.stdout.readline().strip() == "held"
+    start = time.monotonic()
+    with download.file_lock(path):
+        waited = time.monotonic() - start
+    child.wait()
+    assert waited > 0.5
+
+
 def test_hub_files_come_through_huggingface_hub_and_a_hub_error_is_a_download_error(server, hub, tmp_path):
     body = gzip.compress(b'{"qid": 1, "pos": [2], "neg": {"bm25": [3]}}\n')
     server.files[hub + HN] = body
