@@ -114,6 +114,7 @@ def main():
         optimizer_cls_and_kwargs=optimizer,  # None: the trainer builds args.optim
         no_decay=["bias", "LayerNorm.bias", "LayerNorm.weight"],  # substrings, as fit() matched them
         collapse_patience=args.collapse_patience,
+        max_skipped_steps=args.max_skipped_steps,
         callbacks=[training.KeepOptimizerStateOfNewestCheckpoint()],
     )
 

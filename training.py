@@ -110,6 +110,8 @@ def parse_args(description: str, hyperparameters: dict, sample: dict, argv: list
     add("--eval_corpus_size", type=int, default=100_000, help="random collection passages it retrieves among")
     add("--collapse_patience", type=int, default=3,
         help="stop when query or document vectors are all zero for this many logging steps in a row")  # fmt: skip
+    add("--max_skipped_steps", type=int, default=10,
+        help="fp16: stop when the loss stays non-finite for more than N steps (GradScaler skips each)")  # fmt: skip
     add("--evaluate", action="store_true", help="after training: MS MARCO dev + TREC DL 2019/2020 into the card")
     if "--sample" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**sample, data_dir=str(SAMPLE_DIR))
@@ -133,6 +135,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("this GPU does not support bf16; use --precision fp16")
     if args.collapse_patience < 1:
         raise UserError("--collapse_patience must be at least 1")
+    if args.max_skipped_steps < 0:
+        raise UserError("--max_skipped_steps must be at least 0")
 
 
 def precision(choice: str) -> dict[str, bool]:
@@ -256,13 +260,16 @@ class SpladeTrainer(SparseEncoderTrainer):
     """sentence-transformers' trainer, plus:
     - the loss's lambda warm-up follows the optimizer step; every log carries lambdas, raw FLOPS, active dims;
     - weight decay skips exactly the parameters whose names contain one of `no_decay` (as the original's fit());
-    - a non-finite loss stops the run at once, and so do all-zero query or document vectors for
-      `collapse_patience` logging steps in a row (the FLOPS regulariser has silenced the model)."""
+    - a non-finite loss stops the run at once (under fp16 loss scaling: after `max_skipped_steps` in a row, each
+      one a step that GradScaler skips), and so do all-zero query or document vectors for `collapse_patience`
+      logging steps in a row (the FLOPS regulariser has silenced the model). Every rank takes the same decision."""
 
-    def __init__(self, *args, no_decay: list[str], collapse_patience: int = 3, **kwargs):
+    def __init__(self, *args, no_decay: list[str], collapse_patience: int = 3, max_skipped_steps: int = 10, **kwargs):
         super().__init__(*args, **kwargs)
         self.no_decay = no_decay
         self.collapse_patience = collapse_patience
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped_steps = 0
         self.zero_logs = 0
         self.last_terms: dict[str, torch.Tensor] = {}
         # The card's training-set size: sentence-transformers counted the rotation's epochs x queries virtual rows.
@@ -281,11 +288,36 @@ class SpladeTrainer(SparseEncoderTrainer):
         self.loss.step = self.state.global_step
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         value = loss[0] if return_outputs else loss
-        # One host sync per step, which transformers' own logging_nan_inf_filter already pays.
-        if model.training and not torch.isfinite(value.detach()):
-            terms = {name: float(term) for name, term in self.last_terms.items()}
-            self._stop("the loss is not finite", f"loss terms: {terms}")
+        if model.training:
+            self.check_finite(value)
         return loss
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop on a non-finite loss on any rank. Under fp16 loss scaling, GradScaler skips the step whose values
+        overflowed (the non-finite gradients that follow) and lowers its scale: stop only when that has happened
+        for more than `max_skipped_steps` steps in a row. One host sync per step, which transformers' own
+        logging_nan_inf_filter already pays, and under torchrun one all-reduce of a flag."""
+        bad = (~torch.isfinite(loss.detach())).any().to(torch.int32).reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # the same decision on every rank
+        if not bad.item():
+            self.skipped_steps = 0
+            return
+        terms = {name: float(term) for name, term in self.last_terms.items()}
+        if not self.args.fp16:
+            self._stop("the loss is not finite (on at least one rank)", f"loss terms: {terms}")
+        self.skipped_steps += 1
+        if self.skipped_steps > self.max_skipped_steps:
+            self._stop(
+                f"the loss has not been finite for {self.skipped_steps} steps in a row under fp16 loss scaling "
+                f"(--max_skipped_steps {self.max_skipped_steps})",
+                f"loss terms: {terms}",
+            )
+        print(
+            f"warning: step {self.state.global_step}: the loss is not finite (fp16 overflow); GradScaler skips this "
+            f"step ({self.skipped_steps} in a row, --max_skipped_steps {self.max_skipped_steps})",
+            file=sys.stderr,
+        )
 
     def track_loss_components(self, loss: dict[str, torch.Tensor]) -> None:
         self.last_terms = {name: value.detach() for name, value in loss.items()}

@@ -148,15 +148,39 @@ def test_inference_path_skips_padding_and_equals_naive_formula(monkeypatch, rows
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
-def test_lean_head_bf16_within_rounding():
-    inputs = random_head_inputs(4, 20, hidden=32, vocab=64, dtype=torch.bfloat16)
-    upstream = torch.rand(4, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
-    expected = values_and_grads(naive, *inputs, upstream)  # the same formula, autograd in bf16
-    got = values_and_grads(SpladeMaxHead.apply, *inputs, upstream)
-    for g, e in zip(got, expected):
-        assert g.dtype == torch.bfloat16
-        # bf16 keeps 8 bits of mantissa; our backward accumulates in fp32, autograd's in bf16.
-        torch.testing.assert_close(g.float(), e.float(), atol=2e-2 * e.float().abs().max().item(), rtol=2e-2)
+def test_lean_head_under_bf16_autocast_with_fp32_weights_equals_the_formula():
+    """The GPU training path on CPU: fp32 weights and hidden states, bf16 autocast. The reference is the formula in
+    float64 on what autocast hands the projection (the bf16-rounded inputs), its logits rounded to bf16 as the
+    projection's output is, ties broken by the first token: values to 1 bf16 unit, gradients to fp32 rounding, so
+    a gradient sent to another token, a missing bias or a wrong coefficient fails."""
+    hidden_states, mask, weight, bias = random_head_inputs(6, 20, hidden=32, vocab=64, seed=5)
+    upstream = torch.rand(6, 64, generator=torch.Generator().manual_seed(2))
+    leaves = [t.clone().requires_grad_() for t in (hidden_states, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward only, as the trainer does
+        out = SpladeMaxHead.apply(leaves[0], mask, leaves[1], leaves[2])
+    (out * upstream).sum().backward()
+    got = [out.detach()] + [leaf.grad for leaf in leaves]
+    assert [t.dtype for t in got[1:]] == [torch.float32] * 3  # the weights' and hidden states' dtype
+    h, w, b = (t.bfloat16().double() for t in (hidden_states, weight, bias))
+    logits = (h @ w.T + b).bfloat16().double().masked_fill(mask[:, :, None] == 0, float("-inf"))
+    best, token = logits.max(dim=1)
+    assert torch.equal(token, logits.argmax(dim=1))  # first token on ties
+    values = torch.log1p(torch.relu(best))
+    torch.testing.assert_close(got[0].double(), values, rtol=2**-7, atol=1e-12)
+    coef = torch.where(best > 0, upstream.double() / (1 + best.clamp(min=0)), 0.0)
+    chosen = (torch.arange(20)[None, :, None] == token[:, None, :]).double()  # texts x tokens x vocabulary
+    expected = [
+        torch.einsum("blv,bv,vh->blh", chosen, coef, w),
+        torch.einsum("blv,bv,blh->vh", chosen, coef, h),
+        coef.sum(0),
+    ]
+    scale = [
+        torch.einsum("blv,bv,vh->blh", chosen, coef.abs(), w.abs()),
+        torch.einsum("blv,bv,blh->vh", chosen, coef.abs(), h.abs()),
+        coef.abs().sum(0),
+    ]
+    for name, g, e, s in zip(("hidden", "weight", "bias"), got[1:], expected, scale):
+        assert ((g.double() - e).abs() <= 1e-5 * s + 1e-9).all(), name
 
 
 @pytest.mark.parametrize("lean_head", [True, False])
