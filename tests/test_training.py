@@ -71,7 +71,7 @@ def test_train_max_changes_the_weights_and_logs_every_term(max_run):
     for side, weight in (("q", 0.0008), ("d", 0.0006)):
         assert set(logged(output_dir, f"lambda_{side}")) == {weight}
         for term, raw in zip(logged(output_dir, f"flops_{side}_loss"), logged(output_dir, f"flops_{side}")):
-            assert term == pytest.approx(weight * raw, rel=1e-3, abs=2e-6)
+            assert term == pytest.approx(weight * raw, rel=1e-3, abs=6e-5)  # the trainer logs terms to 4 decimals
     first, final = (
         load_file(output_dir / "checkpoint-10" / "model.safetensors"),
         load_file(output_dir / "model.safetensors"),
