@@ -47,7 +47,7 @@ import torch
 import retrieval
 from data.atomic import write_text_atomic
 from data.eval_sets import DEFAULT_CACHE_DIR, SPLADE_BEIR_SETS, EvalSet, resolve_datasets
-from encoding import Encoder, load_model, log, model_fingerprint, model_on_device, resolve_precision
+from encoding import SHARD_TIMEOUT, Encoder, load_model, log, model_fingerprint, model_on_device, resolve_precision
 from errors import UserError, main_exits_2_on_user_error
 
 TOP_K = 1000
@@ -142,6 +142,7 @@ def evaluate_model(
     keep_self_hits: bool = False,
     distributed: bool = False,
     show_progress: bool = True,
+    shard_timeout: float = SHARD_TIMEOUT,
     engine: str = "exact",
 ) -> dict | None:
     """Evaluate a model (a SparseEncoder or a path / hub id) on data sets and return the metrics,
@@ -155,8 +156,9 @@ def evaluate_model(
     (see data.eval_sets.resolve_datasets) or EvalSet objects. ``keep_self_hits``: do not apply BEIR's
     rule that drops a hit whose id equals the query id. ``cache_dir=None``: no cache (vectors in a
     temporary directory). ``distributed=True``: call on every torchrun rank; documents are encoded by
-    all ranks, the rest by rank 0, which alone returns the metrics (others return None). Call it on
-    rank 0 only with distributed=False (the default). ``engine``: 'exact' (ours), or a peer engine of
+    all ranks, the rest by rank 0, which alone returns the metrics (others return None); rank 0 gives up
+    when no other rank's shard has appeared for ``shard_timeout`` seconds. Call it on rank 0 only with
+    distributed=False (the default). ``engine``: 'exact' (ours), or a peer engine of
     retrieval/peers.py ('seismic', 'bmp') searching the same vectors, to see what it costs in quality."""
     peer = None
     if engine != "exact":
@@ -183,8 +185,9 @@ def evaluate_model(
         precision = resolve_precision(precision, device)
         cache_root = Path(cache) / "doc_vectors"
         encoder = Encoder(
-            model, fingerprint, cache_root, batch_size, device, precision, rank, world_size, show_progress
-        )
+            model, fingerprint, cache_root, batch_size, device, precision, rank, world_size, show_progress,
+            shard_timeout,
+        )  # fmt: skip
         results = {}
         # Data sets over the same corpus (MS MARCO dev, DL19, DL20) share one encoding and one index.
         corpora = {}
@@ -366,6 +369,12 @@ def parse_args(argv=None):
     parser.add_argument("--run_name", help="last column of the run files (default: the model's folder name)")
     parser.add_argument("--no_runs", action="store_true", help="do not write TREC run files")
     parser.add_argument(
+        "--shard_timeout",
+        type=float,
+        default=SHARD_TIMEOUT,
+        help="torchrun: seconds the first process waits without a new shard from the others",
+    )
+    parser.add_argument(
         "--engine",
         choices=("exact", "seismic", "bmp"),
         default="exact",
@@ -405,6 +414,7 @@ def main(argv=None) -> int:
         run_name=args.run_name,
         keep_self_hits=args.keep_self_hits,
         distributed=world_size > 1,
+        shard_timeout=args.shard_timeout,
         engine=args.engine,
     )
     if results is not None:

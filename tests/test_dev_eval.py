@@ -3,8 +3,10 @@ evaluate.py's on the same data; the trainer logs them as eval_mrr@10 / eval_reca
 
 import pytest
 
+import data.download as download
 from conftest import SAMPLE
-from dev_eval import DevRetrievalEvaluator, dev_subset
+from dev_eval import DevFilesError, DevRetrievalEvaluator, dev_subset
+from local_servers import FileServer
 
 
 def write_dev_files(directory, num_passages=400, num_queries=40):
@@ -16,6 +18,22 @@ def write_dev_files(directory, num_passages=400, num_queries=40):
         "".join(f"{1000 + q}\t0\t{7 * q + 1}\t1\n{1000 + q}\t0\t{7 * q + 2}\t0\n" for q in range(num_queries))
     )
     return directory
+
+
+def test_missing_dev_files_that_cannot_be_downloaded_name_eval_steps_0(tmp_path, monkeypatch):
+    directory = write_dev_files(tmp_path / "custom")
+    (directory / "qrels.dev.small.tsv").unlink()
+    with FileServer({}) as server:  # answers 404, as a site without the file (or a proxy without internet) would
+        sources = {name: download.Source(f"{server.url}/{name}", None, None) for name in download.SOURCES}
+        monkeypatch.setattr(download, "SOURCES", sources)
+        with pytest.raises(DevFilesError, match=r"HTTP 404.*\n.*--eval_steps 0 to train without the in-training"):
+            dev_subset(directory)
+
+
+def test_only_the_first_process_builds_the_subset(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert dev_subset(tmp_path / "nothing here") is None  # reads nothing: the trainer evaluates on rank 0 only
+    assert DevRetrievalEvaluator(None).get_config_dict() == {"top_k": 1000}
 
 
 def test_subset_is_fixed_by_the_seed_and_holds_every_positive(tmp_path):

@@ -119,7 +119,11 @@ def test_download_train_then_mine(server, hub, tmp_path, monkeypatch):
         src / CE
     ).read_bytes()
     # huggingface_hub keeps its metadata in data_dir/.cache; .npz and .lock files are mining's cache and locks
-    names = [p.name for p in data_dir.iterdir() if not p.name.endswith((".npz", ".lock")) and p.name != ".cache"]
+    names = [
+        p.name
+        for p in data_dir.iterdir()
+        if not p.name.endswith((".npz", ".lock")) and p.name not in (".cache", "mined-cache")
+    ]
     assert sorted(names) == sorted(
         [
             "collection.tar.gz",

@@ -1,10 +1,12 @@
 """SpladeMax against sentence-transformers' SparseEncoder, the naive formula, and its own saved copies."""
 
+import collections
 import json
 
 import pytest
 import torch
 from sentence_transformers import SparseEncoder
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertModel
 
@@ -245,3 +247,42 @@ def test_model_without_mlm_head_is_refused(tmp_path, splade_tiny_path):
 def test_texts_must_be_strings(model):
     with pytest.raises(TypeError, match="input 1 is a int"):
         model[0].preprocess(["fine", 42])
+
+
+# aten operations that make the host wait for the device: a result's size depends on values, or a value is read.
+SYNC_OPS = {"nonzero", "_local_scalar_dense", "masked_select", "repeat_interleave", "unique", "_unique2"}
+
+
+class CountHostSyncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        indices = args[1] if name in ("index", "index_put", "index_put_") else ()
+        if name in SYNC_OPS or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+            self.count[name] += 1  # boolean indexing runs a nonzero inside
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_lean_head_host_syncs_do_not_grow_with_the_batch(monkeypatch, sparse):
+    """Forward and backward of SpladeMaxHead: the operations that make the host wait for the GPU, counted on CPU
+    (aten ops whose output size depends on values, and tolist/item), are the same few for 4 texts and for 48."""
+    counts = []
+    for batch in (4, 48):
+        hidden_states, mask, weight, bias = random_head_inputs(batch, 20, hidden=32, vocab=64, seed=5)
+        leaves = [t.clone().requires_grad_() for t in (hidden_states, weight, bias - (4.0 if sparse else 0.0))]
+        reads = collections.Counter()
+        for method in ("tolist", "item"):
+            original = getattr(torch.Tensor, method)
+            counted = lambda self, *a, _m=method, _o=original, _r=reads: _r.update([_m]) or _o(self, *a)
+            monkeypatch.setattr(torch.Tensor, method, counted)
+        with CountHostSyncs() as syncs:
+            out = SpladeMaxHead.apply(leaves[0], mask, leaves[1], leaves[2])
+            out.sum().backward()
+        monkeypatch.undo()
+        counts.append(syncs.count + reads)
+    assert counts[0] == counts[1]
+    assert sum(counts[0].values()) <= 6, counts[0]
