@@ -80,22 +80,57 @@ def max_logits_unpadded(
 def argmax_rows(tokens, token_starts: list[int], text, term, pair_starts: list[int], weight, bias) -> torch.Tensor:
     """For each active (text, term) pair, the packed row of the text's first token with the largest logit.
 
-    One small product per text: its tokens against the decoder rows of its active terms, or against the whole
-    decoder when most terms are active (gathering would copy the decoder). Logits are recomputed in the dtype
-    the forward used, so that ties break as in the naive formula (first token); two products of different
-    shapes may still differ in the last bit, and then a near-tied token gets the gradient, a valid one too."""
+    Batched, with no loop over texts: a chunk of texts has its tokens padded into per-text slots (texts x longest
+    x hidden) and its pairs' decoder rows (and biases) gathered into per-text slots (texts x most pairs x hidden),
+    and one `baddbmm` gives every text's logits for its own active terms; padded tokens are set to -inf and the
+    arg-max over tokens (the first on ties, as in the naive formula) is read back in the pairs' order. When most
+    terms are active (over DENSE_BACKWARD_DENSITY of the vocabulary in the fullest text), the chunk multiplies by
+    the whole decoder instead (gathering would copy it). Chunks hold whole texts and are sized from the host-side
+    counts (no sync) so that a chunk's logits stay within LOGITS_PER_CHUNK and its gathered rows within
+    ACTIVE_PER_CHUNK (a single text over budget is a chunk alone). Logits are recomputed in the dtype the forward
+    used, so that ties break as in the naive formula; two products of different shapes may still differ in the
+    last bit, and then a near-tied token gets the gradient, a valid one too."""
+    device, texts, vocab = tokens.device, len(token_starts) - 1, weight.shape[0]
     rows = torch.empty_like(term)
-    for index in range(len(token_starts) - 1):
-        pairs = slice(pair_starts[index], pair_starts[index + 1])
+    counts = [pair_starts[i + 1] - pair_starts[i] for i in range(texts)]
+    most_pairs = max(counts, default=0)
+    if most_pairs == 0:
+        return rows
+    longest = max(token_starts[i + 1] - token_starts[i] for i in range(texts))
+    dense = most_pairs > DENSE_BACKWARD_DENSITY * vocab
+    width = vocab if dense else most_pairs
+    per_chunk = max(1, min(LOGITS_PER_CHUNK // (longest * width), texts if dense else ACTIVE_PER_CHUNK // width))
+    token_start = torch.tensor(token_starts, device=device)
+    pair_start = torch.tensor(pair_starts, device=device)
+    for first in range(0, texts, per_chunk):
+        last = min(first + per_chunk, texts)
+        pairs = slice(pair_starts[first], pair_starts[last])
         if pairs.start == pairs.stop:
             continue
-        own_tokens = tokens[token_starts[index] : token_starts[index + 1]]
-        own_terms = term[pairs]
-        if len(own_terms) > DENSE_BACKWARD_DENSITY * weight.shape[0]:
-            best = F.linear(own_tokens, weight, bias).argmax(dim=0)[own_terms]
+        # The chunk's packed rows into (text, position) slots; searchsorted finds a row's text without a sync.
+        packed = torch.arange(token_starts[first], token_starts[last], device=device)
+        owner = torch.searchsorted(token_start[first + 1 : last + 1], packed, right=True)
+        position = packed - token_start[first + owner]
+        padded = tokens.new_zeros((last - first, longest, tokens.shape[1]))
+        padded[owner, position] = tokens[token_starts[first] : token_starts[last]]
+        real = (
+            torch.arange(longest, device=device)
+            < (token_start[first + 1 : last + 1] - token_start[first:last])[:, None]
+        )
+        own_text = text[pairs] - first
+        if dense:
+            logits = F.linear(padded, weight, bias)  # chunk texts x longest x vocabulary
+            column = term[pairs]
         else:
-            best = F.linear(own_tokens, weight[own_terms], None if bias is None else bias[own_terms]).argmax(dim=0)
-        rows[pairs] = best + token_starts[index]
+            column = torch.arange(pairs.start, pairs.stop, device=device) - pair_start[text[pairs]]  # slot in text
+            decoder = weight.new_zeros((last - first, width, weight.shape[1]))
+            decoder[own_text, column] = weight[term[pairs]]
+            offset = weight.new_zeros((last - first, 1, width))
+            if bias is not None:
+                offset[own_text, 0, column] = bias[term[pairs]]
+            logits = torch.baddbmm(offset, padded, decoder.transpose(1, 2))  # chunk texts x longest x most pairs
+        best = logits.masked_fill_(~real[:, :, None], float("-inf")).argmax(dim=1)
+        rows[pairs] = best[own_text, column] + token_start[text[pairs]]
     return rows
 
 

@@ -286,3 +286,34 @@ def test_lean_head_host_syncs_do_not_grow_with_the_batch(monkeypatch, sparse):
         counts.append(syncs.count + reads)
     assert counts[0] == counts[1]
     assert sum(counts[0].values()) <= 6, counts[0]
+
+
+MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "dot", "mv", "addmv"}
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in MATMUL_OPS:
+            self.count[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+def test_lean_head_backward_launches_no_per_text_products(monkeypatch, backward):
+    """The backward's matrix products (arg-max search and gradients) are the same few for 4 texts and for 48: no
+    per-text loop, so no per-text kernel launches on a GPU."""
+    monkeypatch.setattr(splade_head, "DENSE_BACKWARD_DENSITY", 2.0 if backward == "sparse" else -1.0)
+    counts = []
+    for batch in (4, 48):
+        hidden_states, mask, weight, bias = random_head_inputs(batch, 20, hidden=32, vocab=64, seed=5)
+        leaves = [t.clone().requires_grad_() for t in (hidden_states, weight, bias)]
+        out = SpladeMaxHead.apply(leaves[0], mask, leaves[1], leaves[2])
+        with CountMatmuls() as products:
+            (out * torch.rand_like(out)).sum().backward()
+        counts.append(products.count)
+    assert counts[0] == counts[1], counts
+    assert 0 < sum(counts[0].values()) <= 3, counts[0]
