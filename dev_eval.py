@@ -9,7 +9,7 @@ evaluator gives the results table's own measure, during training, at a cost of m
 With ``eval_strategy`` set, the trainer logs ``eval_mrr@10``, ``eval_recall@1000``, ``eval_query_active_dims``
 and ``eval_doc_active_dims``; ``metric_for_best_model="mrr@10"`` selects checkpoints by MRR@10.
 
-Retrieval is exact, with the same index, tie order and measures as evaluate.py (retrieval.py). The numbers
+Retrieval is exact, with the same index, tie order and measures as evaluate.py (retrieval/). The numbers
 are not the full dev set's: 100k passages instead of 8.8M make every query easier, so MRR@10 comes out
 higher than on the full collection. They are comparable from one evaluation to the next, which is the point.
 """

@@ -76,9 +76,19 @@ def model_fingerprint(model_or_path, model) -> str:
     return digest.hexdigest()
 
 
+def gpu_computes_bf16(device: torch.device | None = None) -> bool:
+    """Whether the GPU has bf16 matrix units (compute capability >= 8: Ampere and later). Not
+    `torch.cuda.is_bf16_supported()`, which also says yes on V100 and T4 (7.x), where bf16 is emulated and its
+    matrix products run many times slower than fp16."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 on a GPU that computes it natively, fp16 on an older GPU, fp32 on a CPU."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if gpu_computes_bf16(device) else "fp16"
     if precision == "fp16" and device.type != "cuda":
         raise ModelError("--precision fp16 needs a GPU; use fp32 or bf16 on a CPU")
     return precision

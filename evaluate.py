@@ -26,7 +26,7 @@ rank 0 waits for the shards, indexes and scores).
 
 This file is the command line and the orchestration: data/eval_sets.py turns names into data sets
 (data/download.py fetches, data/readers.py reads), encoding.py turns texts into cached vectors,
-retrieval.py indexes, searches and scores.
+retrieval/ indexes, searches and scores.
 """
 
 from __future__ import annotations
@@ -327,7 +327,7 @@ def parse_args(argv=None):
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
         default="auto",
-        help="encoding precision; auto = bf16 on a GPU, fp32 on a CPU",
+        help="encoding precision; auto = bf16 on a GPU of compute capability >= 8, else fp16; fp32 on a CPU",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU if there is one)")
     parser.add_argument("--top_k", type=int, default=TOP_K, help="hits per query in runs and metrics")

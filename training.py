@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from data.atomic import write_text_atomic
+from encoding import gpu_computes_bf16
 from errors import UserError
 from splade_module import SpladeEncoder, SpladeMax, load_splade
 
@@ -94,7 +95,8 @@ def parse_args(description: str, hyperparameters: dict, sample: dict, argv: list
     add("--output_dir", default=None, help="run folder (default: output/<name as the original named it>)")
     add("--seed", type=int, default=42, help="seed of the model init, data order and negatives")
     add("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-        help="auto: bf16 on GPUs that support it, else fp16 with loss scaling (the original); fp32 on CPU")  # fmt: skip
+        help="auto: bf16 on GPUs that compute it natively (compute capability >= 8), else fp16 with loss scaling "
+        "(the original); fp32 on CPU")  # fmt: skip
     add("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (quick runs)")
     add("--save_total_limit", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
     add("--logging_steps", type=int, default=100, help="log loss terms, lambdas and active dims every N steps")
@@ -132,12 +134,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def precision(choice: str) -> dict[str, bool]:
-    """TrainingArguments flags: bf16 autocast where the GPU has it, else fp16 autocast with loss scaling."""
+    """TrainingArguments flags: bf16 autocast where the GPU computes bf16 natively (compute capability >= 8), else
+    fp16 autocast with loss scaling (the original's)."""
     if choice == "auto":
         if not torch.cuda.is_available():
             choice = "fp32"
         else:
-            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            choice = "bf16" if gpu_computes_bf16() else "fp16"
     return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 

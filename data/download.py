@@ -34,6 +34,10 @@ MSMARCO = "https://msmarco.z22.web.core.windows.net/msmarcoranking/"
 TREC_DL = "https://trec.nist.gov/data/deep/"
 HF_DATASET = "sentence-transformers/msmarco-hard-negatives"  # a Hugging Face dataset repository
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
+# MS MARCO is served by Azure Blob Storage. Resuming sends `Range: bytes=N-`, which Azure accepts only from API
+# version 2011-08-18 on ("Specifying the range header for Blob service operations"); a request without a version
+# header may be answered by an older one. So every MS MARCO request names a version.
+MSMARCO_HEADERS = {"X-Ms-Version": "2019-12-12"}
 
 # The files the training scripts read, by role.
 COLLECTION = "collection.tsv"
@@ -146,7 +150,8 @@ def gunzip(src, dest):
 
 def fetch(name, data_dir):
     source = SOURCES[name]
-    return download_file(source.url, Path(data_dir) / name, source.size, source.md5)
+    headers = MSMARCO_HEADERS if source.url.startswith(MSMARCO) else None
+    return download_file(source.url, Path(data_dir) / name, source.size, source.md5, headers=headers)
 
 
 # One function per data set.
@@ -228,18 +233,23 @@ def download_trec_dl(data_dir, year):
     return queries, fetch(f"{year}qrels-pass.txt", data_dir)
 
 
-def download_beir(name, root, url_template=BEIR_URL):
-    """A BEIR set's zip (once, resumable) unpacked into root/name; the zip is deleted afterwards."""
+def download_beir(name, root, url_template=None):
+    """A BEIR set's zip (once, resumable) unpacked into root/name; the zip is deleted afterwards. Under the lock of
+    root: several processes (torchrun ranks) asking for one set download and unpack it once."""
     target = Path(root) / name
     if target.is_dir():
         return target
-    url = url_template.format(name=name)
-    try:
-        archive = download_file(url, Path(root) / f"{name}.zip")
-    except DownloadError as err:
-        raise DownloadError(f"BEIR set {name!r}: {err}; or pass a local folder in BEIR layout instead") from err
-    unpack_beir_zip(archive, target)
-    archive.unlink()
+    url = (url_template or BEIR_URL).format(name=name)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with file_lock(Path(root) / ".download.lock"):
+        if target.is_dir():  # another process finished it while we waited
+            return target
+        try:
+            archive = download_file(url, Path(root) / f"{name}.zip")
+        except DownloadError as err:
+            raise DownloadError(f"BEIR set {name!r}: {err}; or pass a local folder in BEIR layout instead") from err
+        unpack_beir_zip(archive, target)
+        archive.unlink()
     return target
 
 

@@ -127,7 +127,7 @@ def beir_sets(directory: Path, name: str, split: str = "test") -> list[EvalSet]:
 
 def resolve_beir(spec: str, cache_dir: Path, split: str = "test", download: bool = True) -> list[EvalSet]:
     """A BEIR folder, a BEIR .zip (unpacked once into cache_dir/beir) or a BEIR name (downloaded once)."""
-    from data.download import download_beir, unpack_beir_zip  # only for zips and names
+    from data.download import download_beir, file_lock, unpack_beir_zip  # only for zips and names
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -137,7 +137,9 @@ def resolve_beir(spec: str, cache_dir: Path, split: str = "test", download: bool
         target = Path(cache_dir) / "beir" / name
         if not target.is_dir():
             target.parent.mkdir(parents=True, exist_ok=True)
-            unpack_beir_zip(path, target)
+            with file_lock(target.parent / ".download.lock"):  # several ranks, one unpacking
+                if not target.is_dir():
+                    unpack_beir_zip(path, target)
         return beir_sets(target, f"beir-{name}", split)
     if os.sep in spec or "/" in spec or spec.startswith("."):
         raise DataError(f"{spec}: no such BEIR directory or zip file")

@@ -24,15 +24,17 @@ class DownloadError(UserError, RuntimeError):
     """A download that failed; the message says what to do (resume, or fetch the file by other means)."""
 
 
-def download_file(url, dest, expected_size=None, expected_md5=None, timeout=60):
-    """Fetch url into dest, resuming dest.part; check size, md5 and (for .gz) that it reads to the end."""
+def download_file(url, dest, expected_size=None, expected_md5=None, timeout=60, headers=None):
+    """Fetch url into dest, resuming dest.part; check size, md5 and (for .gz) that it reads to the end.
+
+    dest.part has one name for every process: callers hold a lock (data.download.file_lock) around this."""
     dest = Path(dest)
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     start = part.stat().st_size if part.exists() else 0
-    response = open_from(url, start, dest, timeout)
+    response = open_from(url, start, dest, timeout, headers)
     if response is not None:
         with response:
             if start and response.status != 206:  # the server ignored Range: start again
@@ -43,9 +45,9 @@ def download_file(url, dest, expected_size=None, expected_md5=None, timeout=60):
     return dest
 
 
-def open_from(url, start, dest, timeout):
+def open_from(url, start, dest, timeout, extra_headers=None):
     """The response for url from byte `start` on; None when the .part already holds the whole file."""
-    headers = {"User-Agent": "splade-reproduction/1.0"}
+    headers = {"User-Agent": "splade-reproduction/1.0", **(extra_headers or {})}
     if start:
         headers["Range"] = f"bytes={start}-"
     try:

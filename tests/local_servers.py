@@ -3,6 +3,7 @@
 import hashlib
 import http.server
 import threading
+import time
 
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -12,10 +13,12 @@ class FileServer:
 
     It also answers like the Hugging Face Hub's `/{repo_type}s/{repo}/resolve/{revision}/{file}` does for
     huggingface_hub: HEAD and GET carry ETag, X-Repo-Commit, Content-Length and Accept-Ranges. `status`
-    makes every request fail with that HTTP status (a broken server)."""
+    makes every request fail with that HTTP status (a broken server); `delay` holds every GET's body back that many
+    seconds (a slow download); `headers` keeps each GET's request headers."""
 
     def __init__(self, files):
         self.files, self.cut_after, self.ranges, self.status, self.requests = files, None, [], None, []
+        self.delay, self.headers = 0.0, []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -40,6 +43,7 @@ class FileServer:
 
             def do_GET(self):
                 server.requests.append(("GET", self.path))
+                server.headers.append(dict(self.headers))
                 body = server.files.get(self.path)
                 if server.status or body is None:
                     self.send_error(server.status or 404)
@@ -58,6 +62,7 @@ class FileServer:
                 self.send_file_headers(body)
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
+                time.sleep(server.delay)
                 if server.cut_after is not None:  # announce everything, send part, hang up
                     self.wfile.write(body[start : start + server.cut_after])
                     server.cut_after = None

@@ -215,7 +215,7 @@ def test_beir_zip_download_is_unpacked_and_a_missing_set_is_a_download_error(ser
     server.files["/toy.zip"] = buf.getvalue()
     target = download.download_beir("toy", tmp_path / "beir", url_template=server.url + "/{name}.zip")
     assert target == tmp_path / "beir" / "toy" and (target / "qrels" / "test.tsv").is_file()
-    assert sorted(p.name for p in (tmp_path / "beir").iterdir()) == ["toy"]  # the zip is gone
+    assert sorted(p.name for p in (tmp_path / "beir").iterdir()) == [".download.lock", "toy"]  # the zip is gone
     with pytest.raises(download.DownloadError, match=r"BEIR set 'missing': .*HTTP 404.*local folder in BEIR layout"):
         download.download_beir("missing", tmp_path / "beir", url_template=server.url + "/{name}.zip")
 
@@ -247,3 +247,22 @@ def test_missing_training_files_without_download_are_a_user_error(tmp_path):
     with pytest.raises(download.MissingDataError, match=r"missing in .*python -m data.download train") as err:
         download.train_file_paths(tmp_path, download=False)
     assert isinstance(err.value, UserError) and isinstance(err.value, FileNotFoundError)
+
+
+def test_msmarco_requests_name_the_azure_api_version_resumes_included(server, tmp_path, monkeypatch):
+    """Azure honours `Range: bytes=N-` only from API version 2011-08-18 on: every MS MARCO request names one."""
+    body = b"1\t0\t2\t1\n" * 1000
+    server.files.update({"/msmarcoranking/qrels.dev.small.tsv": body, "/deep/2019qrels-pass.txt": b"19 Q0 5 3\n"})
+    monkeypatch.setattr(download, "MSMARCO", server.url + "/msmarcoranking/")
+    monkeypatch.setattr(download, "SOURCES", {
+        "qrels.dev.small.tsv": download.Source(server.url + "/msmarcoranking/qrels.dev.small.tsv", len(body), None),
+        "2019qrels-pass.txt": download.Source(server.url + "/deep/2019qrels-pass.txt", None, None),  # TREC's site
+    })  # fmt: skip
+    server.cut_after = 1000
+    with pytest.raises(download.DownloadError, match="resume"):
+        download.fetch("qrels.dev.small.tsv", tmp_path)
+    download.fetch("qrels.dev.small.tsv", tmp_path)
+    download.fetch("2019qrels-pass.txt", tmp_path)
+    assert server.ranges == ["bytes=1000-"] and (tmp_path / "qrels.dev.small.tsv").read_bytes() == body
+    versions = [{name.lower(): v for name, v in headers.items()}.get("x-ms-version") for headers in server.headers]
+    assert versions == ["2019-12-12", "2019-12-12", None]

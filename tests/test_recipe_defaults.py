@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import DistilBertConfig, DistilBertForMaskedLM
 
+import encoding
 import train_distill
 import train_max
 import training
@@ -46,15 +47,23 @@ def test_defaults_are_the_originals():
     assert args.save_steps == 10_000 and args.max_passages == 0
 
 
-def test_precision_auto_is_bf16_where_the_gpu_has_it_else_the_originals_fp16(monkeypatch):
+CAPABILITIES = [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")]
+
+
+@pytest.mark.parametrize("capability, expected", CAPABILITIES)
+def test_precision_auto_is_bf16_where_the_gpu_computes_it_else_the_originals_fp16(monkeypatch, capability, expected):
+    """The device is simulated by its compute capability. is_bf16_supported says yes on 7.x too (bf16 emulated,
+    many times slower than fp16): simulated as such, it must not decide."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert training.precision("auto") == {"bf16": False, "fp16": False}
+    assert encoding.resolve_precision("auto", torch.device("cpu")) == "fp32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert training.precision("auto") == {"bf16": False, "fp16": True}
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert training.precision("auto") == {"bf16": True, "fp16": False}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    assert training.precision("auto") == {"bf16": expected == "bf16", "fp16": expected == "fp16"}
+    assert encoding.resolve_precision("auto", torch.device("cuda")) == expected
     assert training.precision("fp16") == {"bf16": False, "fp16": True}  # the original's, on request
+    assert training.precision("bf16") == {"bf16": True, "fp16": False}
 
 
 def test_weight_decay_names_match_the_originals_substrings():

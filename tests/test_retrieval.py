@@ -1,4 +1,4 @@
-"""retrieval.py: the inverted index and exact top-k against brute force, and the measures against
+"""retrieval/: the inverted index and exact top-k against brute force, and the measures against
 hand computations and pytrec_eval on a written run file."""
 
 import sys
@@ -103,10 +103,15 @@ def test_dense_and_kernel_paths_agree_bit_for_bit_with_ties_and_self_hits(collec
 def test_auto_method_scores_small_searches_densely(collection, monkeypatch):
     docs, queries, _ = collection
     index = build_index(docs)
-    monkeypatch.setitem(sys.modules, "search_kernel", None)  # importing the kernel would now fail
+    monkeypatch.setitem(sys.modules, "retrieval.kernel", None)  # importing the kernel would now fail
     search(index, queries, k=10)  # 40 x 3000 cells: dense
     with pytest.raises(ImportError):
         search(index, queries, k=10, method="kernel")
+    # One query over a collection above DENSE_MAX_DOCS is few cells, but a dense row per query costs the
+    # whole collection: the compiled kernel takes it (1 query x 1M documents: 70 ms dense, 15 ms kernel).
+    monkeypatch.setattr("retrieval.index.DENSE_MAX_DOCS", 1000)
+    with pytest.raises(ImportError):
+        search(index, queries[:1], k=10)
 
 
 def test_index_from_shard_files_equals_index_from_one_matrix(collection, tmp_path):

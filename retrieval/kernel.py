@@ -2,7 +2,7 @@
 
 Kept apart so that numba is imported, and the kernel compiled, only when a search is large enough to
 need it: compiling takes 15-60 s on a fresh checkout (``cache=True`` then keeps it in __pycache__),
-while a small evaluation set is searched in well under a second by retrieval's dense path.
+while a small evaluation set is searched in well under a second by the dense path of retrieval/index.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from retrieval import RANK_LIMIT
+from retrieval.index import RANK_LIMIT
 
 # Documents per accumulator block: 2**17 float32 = 512 KiB stays in a core's L2 cache, so the
 # scattered adds of a query hit cache instead of memory (the accumulator of 8.8M documents is 35 MB).
