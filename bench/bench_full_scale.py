@@ -29,7 +29,6 @@ Memory: at S = 1 the index stage holds ~9.5 GB (the index) and the first data ru
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -48,7 +47,8 @@ STAGES = ("files", "vectors", "index", "dev_eval", *DATA_STAGES)
 FLOPS_OFFSETS = {"1.1": 245.0, "3.8": 36.0}  # bench_retrieval.term_distribution offsets giving those FLOPS
 SCRIPTS = {"max": "train_max", "distill": "train_distill"}
 
-FILES = """
+FILES = (
+    """
 import json, resource, sys, time
 sys.path.insert(0, "bench")
 from full_scale_files import counts, write_dev_files, write_training_files
@@ -56,9 +56,12 @@ t = time.time()
 scores = write_training_files(sys.argv[1], float(sys.argv[2]))
 write_dev_files(sys.argv[1], float(sys.argv[2]))
 result = {"counts": counts(float(sys.argv[2])), "ce_scores": scores}
-""" + RESULT
+"""
+    + RESULT
+)
 
-VECTORS = """
+VECTORS = (
+    """
 import json, resource, sys, time
 from pathlib import Path
 import scipy.sparse as sp
@@ -70,9 +73,12 @@ p = term_distribution(offset)
 shards = write_shards(docs, 110, 150, p, out)
 sp.save_npz(out / "queries.npz", synthetic_vectors(queries, 32, 32, p, seed=2), compressed=False)
 result = {"shards": len(shards)}
-""" + RESULT
+"""
+    + RESULT
+)
 
-INDEX = """
+INDEX = (
+    """
 import json, resource, sys, time
 from pathlib import Path
 import numba, numpy as np, scipy.sparse as sp
@@ -99,9 +105,12 @@ result = {"index_build_s": round(build_s, 1), "index_build_peak_rss_mb": round(b
           "docs": index.num_docs, "postings": index.nnz, "index_gib": round(index.nbytes / 2**30, 2),
           "queries": queries.shape[0], "query_terms": round(queries.nnz / queries.shape[0], 1),
           "first_call_s": round(first_call_s, 1), "search_ms_per_query": ms}
-""" + RESULT
+"""
+    + RESULT
+)
 
-DEV_EVAL = """
+DEV_EVAL = (
+    """
 import json, resource, sys, time
 import torch
 from dev_eval import DevRetrievalEvaluator, dev_subset
@@ -115,12 +124,16 @@ metrics = DevRetrievalEvaluator(subset)(model)
 result = {"dev_eval_s": round(time.time() - started, 1), "dev_subset_s": round(subset_s, 1),
           "passages": len(subset.doc_ids), "queries": len(subset.query_ids), "torch_threads": torch.get_num_threads(),
           "metrics": {k: round(float(v), 4) for k, v in metrics.items()}}
-""" + RESULT
+"""
+    + RESULT
+)
 
 
 def git_commit():
     out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True
+    )
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
@@ -234,8 +247,11 @@ def stage_vectors(args, out):
 
 def stage_index(args, out):
     for flops in FLOPS_OFFSETS:
-        [r], _ = run(f"index_{flops}", [sys.executable, script_file("index", INDEX), args.work_dir / f"vectors-{flops}"],
-                     args.timeout)
+        [r], _ = run(
+            f"index_{flops}",
+            [sys.executable, script_file("index", INDEX), args.work_dir / f"vectors-{flops}"],
+            args.timeout,
+        )
         out.setdefault("index_build_s", {})[flops] = r["index_build_s"]
         out.setdefault("index_peak_rss_mb", {})[flops] = r["index_build_peak_rss_mb"]
         out.setdefault("search_ms_per_query", {})[flops] = r["search_ms_per_query"]
@@ -243,7 +259,11 @@ def stage_index(args, out):
 
 
 def stage_dev_eval(args, data_dir, out):
-    [r], _ = run("dev_eval", [sys.executable, script_file("dev_eval", DEV_EVAL), data_dir, args.model, args.dev_queries, args.dev_passages], args.timeout)
+    [r], _ = run(
+        "dev_eval",
+        [sys.executable, script_file("dev_eval", DEV_EVAL), data_dir, args.model, args.dev_queries, args.dev_passages],
+        args.timeout,
+    )
     out.update(dev_eval_s=r["dev_eval_s"], dev_eval_detail=r)
 
 

@@ -11,9 +11,9 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from bench_memory import write_collection, write_queries
 from tqdm.auto import tqdm
 
-from bench_memory import write_collection, write_queries
 from data.download import CE_SCORES_FILE, COLLECTION, HARD_NEGATIVES_FILE, TRAIN_QUERIES
 
 # The real files' counts (collection.tsv, queries.train.tsv, msmarco-hard-negatives.jsonl.gz, dev small).
