@@ -234,7 +234,8 @@ def stage_data(args, data_dir, out, stage):
 
 def stage_vectors(args, out):
     docs = round(8_841_823 * args.scale)
-    for flops, offset in FLOPS_OFFSETS.items():
+    for flops in args.flops:
+        offset = FLOPS_OFFSETS[flops]
         d = args.work_dir / f"vectors-{flops}"
         if (d / "queries.npz").exists():
             print(f"vectors: {d} is there")
@@ -246,7 +247,7 @@ def stage_vectors(args, out):
 
 
 def stage_index(args, out):
-    for flops in FLOPS_OFFSETS:
+    for flops in args.flops:
         [r], _ = run(
             f"index_{flops}",
             [sys.executable, script_file("index", INDEX), args.work_dir / f"vectors-{flops}"],
@@ -278,6 +279,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True, help="JSON results, merged with what it holds")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list among {', '.join(STAGES)}")
     parser.add_argument("--ranks", type=int, default=8, help="processes of data_ranks")
+    parser.add_argument("--flops", default=",".join(FLOPS_OFFSETS), help="vector sets of vectors and index")
     parser.add_argument("--search_queries", type=int, default=200)
     parser.add_argument("--model", default=str(SHARED / "models" / "splade-tiny"))
     # the training scripts' --eval_queries and --eval_corpus_size defaults
@@ -286,6 +288,9 @@ def main():
     parser.add_argument("--timeout", type=int, default=7200, help="seconds per stage process")
     args = parser.parse_args()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    args.flops = [f.strip() for f in args.flops.split(",") if f.strip()]
+    if set(args.flops) - set(FLOPS_OFFSETS):
+        parser.error(f"--flops: choose among {list(FLOPS_OFFSETS)}")
     unknown = set(stages) - set(STAGES)
     if unknown:
         parser.error(f"unknown stages {sorted(unknown)}; choose among {STAGES}")
