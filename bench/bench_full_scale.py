@@ -214,7 +214,8 @@ def stage_data(args, data_dir, out, stage):
     mine = script_file("mine", MINE)
     if stage in ("data_first", "data_cached"):
         key = "data_first_run" if stage == "data_first" else "data_cached"
-        for mode, script in SCRIPTS.items():
+        for mode in args.scripts:
+            script = SCRIPTS[mode]
             if stage == "data_first":
                 clear_caches(data_dir)
             [r], _ = run(f"{stage}_{mode}", [sys.executable, mine, data_dir, mode], args.timeout)
@@ -279,6 +280,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True, help="JSON results, merged with what it holds")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list among {', '.join(STAGES)}")
     parser.add_argument("--ranks", type=int, default=8, help="processes of data_ranks")
+    parser.add_argument("--scripts", default="max,distill", help="whose data stage data_first/data_cached run")
     parser.add_argument("--flops", default=",".join(FLOPS_OFFSETS), help="vector sets of vectors and index")
     parser.add_argument("--search_queries", type=int, default=200)
     parser.add_argument("--model", default=str(SHARED / "models" / "splade-tiny"))
@@ -288,6 +290,9 @@ def main():
     parser.add_argument("--timeout", type=int, default=7200, help="seconds per stage process")
     args = parser.parse_args()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    args.scripts = [m.strip() for m in args.scripts.split(",") if m.strip()]
+    if set(args.scripts) - set(SCRIPTS):
+        parser.error(f"--scripts: choose among {list(SCRIPTS)}")
     args.flops = [f.strip() for f in args.flops.split(",") if f.strip()]
     if set(args.flops) - set(FLOPS_OFFSETS):
         parser.error(f"--flops: choose among {list(FLOPS_OFFSETS)}")
