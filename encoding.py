@@ -206,7 +206,9 @@ def document_vectors(
         log(f"document vectors of {corpus_file.name} from the cache: {directory}")
         return DocVectors([directory / name for name in info["shards"]], doc_ids, 0.0, True)
 
-    doc_ids, texts = read_corpus(corpus_file)
+    # Each rank holds the texts of its own shards only (the ids of all: rank 0 writes them).
+    mine = None if world_size == 1 else lambda k: (k // SHARD_SIZE) % world_size == rank
+    doc_ids, texts = read_corpus(corpus_file, keep=mine)
     shards = [directory / f"docs-{i:05d}.npz" for i in range(math.ceil(len(texts) / SHARD_SIZE))]
     started = time.perf_counter()
     for i, shard in enumerate(shards):

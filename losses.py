@@ -10,11 +10,16 @@ a dict of the weighted terms, which the trainer sums for backward and logs one b
 researcher watches besides them (the current lambdas, the raw FLOPS values, active dimensions per
 query and per document) accumulates in the loss until `pop_stats()` hands the averages to the logs.
 The lambda warm-up follows `loss.step`, which the trainer sets to its optimizer step.
+
+Under autocast, the scores, margins and FLOPS are computed in fp32 from fp32 embeddings (the original's were fp16
+under its fp16 autocast). Under torchrun, every rank's queries and documents are all-gathered once per step, for the
+scores and the FLOPS together.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -34,11 +39,22 @@ def warmed_up(value: float, step: int, warmup_steps: int) -> float:
     return value * min(1.0, step / warmup_steps) ** 2
 
 
-def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows, keeping this rank's gradient path (torchrun/DDP); x itself on one process."""
+def gather_across_ranks(*groups: torch.Tensor) -> list[torch.Tensor]:
+    """Each group's rows from all ranks, rank after rank, keeping this rank's gradient path (torchrun/DDP), in one
+    all-gather for all groups; the groups themselves on one process. Every rank passes groups of the same shapes."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x))
+        return list(groups)
+    sizes = [len(group) for group in groups]
+    everyone = torch.distributed.nn.functional.all_gather(torch.cat(groups))
+    return [torch.cat(parts) for parts in zip(*(rank.split(sizes) for rank in everyone))]
+
+
+@contextmanager
+def fp32_arithmetic(device: torch.device):
+    """Scores, margins and FLOPS in fp32 even under autocast, where a matrix product would run in bf16 (8-bit
+    mantissa) or fp16: the embeddings are fp32 already, and these few products cost nothing next to the encoder."""
+    with torch.autocast(device.type, enabled=False):
+        yield
 
 
 def _rank() -> int:
@@ -67,13 +83,12 @@ class _SpladeLoss(nn.Module):
         )
 
     def embed(self, sentence_features) -> list[torch.Tensor]:
-        return [self.model(features)["sentence_embedding"] for features in sentence_features]
+        """The embeddings of each column, in fp32 (the loss arithmetic's precision; see fp32_arithmetic)."""
+        return [self.model(features)["sentence_embedding"].float() for features in sentence_features]
 
-    def regularise(self, queries: torch.Tensor, documents: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """lambda_q * FLOPS(queries) + lambda_d * sum of FLOPS over the document groups, over all ranks."""
+    def regularise(self, queries: torch.Tensor, *documents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """lambda_q * FLOPS(queries) + lambda_d * sum of FLOPS over the document groups, all ranks' rows given."""
         lambda_q, lambda_d = self.current_lambdas()
-        queries = gather_across_ranks(queries)
-        documents = [gather_across_ranks(group) for group in documents]
         flops_q = flops(queries)
         flops_d = sum(flops(group) for group in documents)
         self.calls += 1
@@ -110,13 +125,15 @@ class MultipleNegativesRankingLossSplade(_SpladeLoss):
 
     def forward(self, sentence_features, labels=None) -> dict[str, torch.Tensor]:
         queries, *documents = self.embed(sentence_features)
-        candidates = torch.cat([gather_across_ranks(group) for group in documents])
-        scores = queries @ candidates.T
-        positives_before_this_rank = _rank() * len(queries)
-        targets = torch.arange(len(queries), device=scores.device) + positives_before_this_rank
-        ranking = F.cross_entropy(scores, targets)
-        self.record(ranking_loss=ranking)
-        return {"ranking_loss": ranking, **self.regularise(queries, [torch.cat(documents)])}
+        with fp32_arithmetic(queries.device):
+            all_queries, *all_documents = gather_across_ranks(queries, *documents)
+            candidates = torch.cat(all_documents)
+            scores = queries @ candidates.T
+            positives_before_this_rank = _rank() * len(queries)
+            targets = torch.arange(len(queries), device=scores.device) + positives_before_this_rank
+            ranking = F.cross_entropy(scores, targets)
+            self.record(ranking_loss=ranking)
+            return {"ranking_loss": ranking, **self.regularise(all_queries, candidates)}
 
 
 class MarginMSELossSplade(_SpladeLoss):
@@ -128,7 +145,8 @@ class MarginMSELossSplade(_SpladeLoss):
 
     def forward(self, sentence_features, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         queries, positives, negatives = self.embed(sentence_features)
-        margins = (queries * positives).sum(dim=1) - (queries * negatives).sum(dim=1)
-        mse = F.mse_loss(margins, labels.to(margins.dtype))
-        self.record(mse_loss=mse)
-        return {"mse_loss": mse, **self.regularise(queries, [positives, negatives])}
+        with fp32_arithmetic(queries.device):
+            margins = (queries * positives).sum(dim=1) - (queries * negatives).sum(dim=1)
+            mse = F.mse_loss(margins, labels.to(margins.dtype))
+            self.record(mse_loss=mse)
+            return {"mse_loss": mse, **self.regularise(*gather_across_ranks(queries, positives, negatives))}

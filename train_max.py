@@ -18,6 +18,7 @@ from data.rotation import EpochRotationBatchSampler, make_train_dataset
 from dev_eval import DevRetrievalEvaluator, dev_subset
 from errors import main_exits_2_on_user_error
 from losses import MultipleNegativesRankingLossSplade
+from optimizer import LegacyAdamW
 
 # Hyperparameters: the original's defaults. Each is also a flag: --lambda_q 0.0008 --lambda_d 0.0006 ...
 hyperparameters = dict(
@@ -70,7 +71,10 @@ def main():
             dev_subset(args.data_dir, args.eval_queries, args.eval_corpus_size, args.seed)
         )
 
-    # 5. Training arguments: what sentence-transformers 2.1's fit() did for the original
+    # 5. Training arguments: what sentence-transformers 2.1's fit() did for the original.
+    # Its optimizer, transformers' legacy AdamW (eps 1e-6 added to sqrt(v) before the bias correction, weight decay
+    # after the step); --optimizer torch_adamw: torch.optim.AdamW (eps after the correction, decay before the step)
+    optimizer = (LegacyAdamW, dict(lr=args.lr, eps=1e-6)) if args.optimizer == "legacy_adamw" else None
     training_args = SparseEncoderTrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=args.epochs,
@@ -80,8 +84,8 @@ def main():
         dataloader_drop_last=False,  # train_max kept the last, smaller batch
         dataloader_num_workers=args.dataloader_num_workers,
         seed=args.seed,
-        # AdamW (decoupled weight decay 0.01; the trainer below exempts names containing "bias" or "LayerNorm.*")
-        optim="adamw_torch",
+        # weight decay 0.01, except for the names the trainer's no_decay lists below (as fit() grouped them)
+        optim="adamw_torch",  # used only with --optimizer torch_adamw
         learning_rate=args.lr,
         adam_epsilon=1e-6,  # transformers.AdamW's default, which fit() used
         weight_decay=0.01,
@@ -107,6 +111,7 @@ def main():
         train_dataset=train_dataset,
         loss=loss,
         evaluator=evaluator,
+        optimizer_cls_and_kwargs=optimizer,  # None: the trainer builds args.optim
         no_decay=["bias", "LayerNorm.bias", "LayerNorm.weight"],  # substrings, as fit() matched them
         collapse_patience=args.collapse_patience,
         callbacks=[training.KeepOptimizerStateOfNewestCheckpoint()],

@@ -97,6 +97,8 @@ def parse_args(description: str, hyperparameters: dict, sample: dict, argv: list
     add("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
         help="auto: bf16 on GPUs that compute it natively (compute capability >= 8), else fp16 with loss scaling "
         "(the original); fp32 on CPU")  # fmt: skip
+    add("--optimizer", choices=["legacy_adamw", "torch_adamw"], default="legacy_adamw",
+        help="legacy_adamw: the original's transformers.AdamW (optimizer.py), or torch.optim.AdamW")  # fmt: skip
     add("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (quick runs)")
     add("--save_total_limit", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
     add("--logging_steps", type=int, default=100, help="log loss terms, lambdas and active dims every N steps")

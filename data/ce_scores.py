@@ -51,16 +51,19 @@ class CEScores:
 
     def __init__(self, qids, ptr, pids, scores):
         self.qids, self.ptr, self.pids, self.scores = qids, ptr, pids, scores
+        self._row_of = self._ptr = None
 
     def __len__(self):
         return len(self.pids)
 
     def row(self, qid):
         """{pid: score} for one query (a small dict: lookups in the mining loop are then ~50 ns), or None."""
-        r = int(np.searchsorted(self.qids, qid))
-        if r == len(self.qids) or self.qids[r] != qid:
+        if self._row_of is None:  # {qid: row}: ~10x faster than a searchsorted per call
+            self._row_of, self._ptr = dict(zip(self.qids.tolist(), range(len(self.qids)))), self.ptr.tolist()
+        r = self._row_of.get(qid)
+        if r is None:
             return None
-        a, b = self.ptr[r], self.ptr[r + 1]
+        a, b = self._ptr[r], self._ptr[r + 1]
         return dict(zip(self.pids[a:b].tolist(), self.scores[a:b].tolist()))
 
 

@@ -19,6 +19,12 @@ from data.readers import DataError, read_qrels, read_query_texts
 from errors import UserError
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("SPLADE_CACHE_DIR", "~/.cache/splade-repro")).expanduser()
+# The 13 public BEIR sets whose nDCG@10 the SPLADE v2 and SPLADE++ papers average (BEIR's names): the results
+# table's BEIR column. CQADupStack (12 forums) is reported on its own line, as the mean of its forums.
+SPLADE_BEIR_SETS = (
+    "arguana", "climate-fever", "dbpedia-entity", "fever", "fiqa", "hotpotqa", "nfcorpus", "nq", "quora",
+    "scidocs", "scifact", "trec-covid", "webis-touche2020",
+)  # fmt: skip
 MSMARCO_FILES = {  # data set -> (queries file names accepted, qrels file name)
     "msmarco-dev": (["queries.dev.small.tsv"], "qrels.dev.small.tsv"),
     "trec-dl-2019": (["msmarco-test2019-queries.tsv", "dl19-passage.queries.tsv"], "2019qrels-pass.txt"),

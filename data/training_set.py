@@ -1,7 +1,9 @@
 """The mined training set in compact arrays, and the per-epoch rotation of its positives and negatives.
 
 Memory: passages and query texts live in one utf-8 buffer each (TextTable), ids and scores in numpy arrays.
-data.mining builds a TrainingSet; data.rotation feeds it to the sentence-transformers trainer.
+data.mining builds a TrainingSet and saves it (TrainingSet.save) as .npy files that every process on the machine
+maps read-only (TrainingSet.load): one copy in the page cache however many processes and data-loader workers
+read it; a mapped set pickles as its folder's path. data.rotation feeds it to the sentence-transformers trainer.
 """
 
 import json
@@ -9,6 +11,11 @@ from array import array
 from pathlib import Path
 
 import numpy as np
+
+# The files of a saved TrainingSet: (attribute path, file name).
+_TABLES, _PARTS = ("queries", "passages"), ("ids", "blob", "offsets")
+_POINTERS = ("pos_ptr", "pos_idx", "pos_ce", "neg_ptr", "neg_idx", "neg_ce")
+_ARRAYS = [(f"{t}.{part}", f"{t}_{part}") for t in _TABLES for part in _PARTS] + [(n, n) for n in _POINTERS]
 
 
 class TextTable:
@@ -72,9 +79,38 @@ class TrainingSet:
         self.neg_ptr, self.neg_idx, self.neg_ce = neg_ptr, neg_idx, neg_ce
         self.passages = passages
         self.report = report
+        self.folder = None  # set by load(): the arrays are maps of the files there
 
     def __len__(self):
         return len(self.queries)
+
+    def save(self, folder):
+        """Write the arrays as .npy files and the report as report.json into `folder` (which must exist)."""
+        folder = Path(folder)
+        for attribute, name in _ARRAYS:
+            np.save(folder / f"{name}.npy", np.ascontiguousarray(_get(self, attribute)), allow_pickle=False)
+        (folder / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder):
+        """The TrainingSet saved in `folder`, its arrays mapped read-only (pages load when read, shared)."""
+        folder = Path(folder)
+        a = {attribute: _map(folder / f"{name}.npy") for attribute, name in _ARRAYS}
+        queries, passages = (TextTable(*(a[f"{t}.{part}"] for part in _PARTS)) for t in _TABLES)
+        report = json.loads((folder / "report.json").read_text())
+        ts = cls(queries, *(a[n] for n in _POINTERS), passages, report)
+        ts.folder = folder
+        return ts
+
+    def __getstate__(self):
+        # A data-loader worker (spawn, forkserver) gets the folder and maps the files itself, not a copy.
+        return {"folder": self.folder, "report": self.report} if self.folder else self.__dict__
+
+    def __setstate__(self, state):
+        if set(state) == {"folder", "report"}:
+            self.__dict__.update(TrainingSet.load(state["folder"]).__dict__, report=state["report"])
+        else:
+            self.__dict__.update(state)
 
     @property
     def qids(self):
@@ -125,6 +161,18 @@ class TrainingSet:
         return format_report(self.report)
 
 
+def _get(obj, attribute_path):
+    for name in attribute_path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _map(path):
+    """An .npy file mapped read-only, as a plain ndarray view (an empty array cannot be mapped: loaded)."""
+    array_ = np.load(path, mmap_mode="r", allow_pickle=False)
+    return np.asarray(array_) if array_.size else np.load(path, allow_pickle=False)
+
+
 def format_report(report):
     """The mining report as text, for the console and the log."""
     lines = [
@@ -159,4 +207,10 @@ def format_report(report):
         + ")"
     )
     lines.append(f"  took {report['seconds']} s, peak RSS {report['peak_rss_mb']:,} MB")
+    cache = report.get("cache")
+    if cache:
+        lines.append(
+            f"  cache: {'hit' if cache['hit'] else 'miss, mined and written to'} {cache['folder']} "
+            f"({cache['size_mb']:,} MB{', mapped in ' + str(cache['seconds']) + ' s' if cache['hit'] else ''})"
+        )
     return "\n".join(lines)

@@ -50,3 +50,26 @@ def test_document_vectors_are_cached_and_keyed_by_max_seq_length(splade_tiny_pat
     assert not list((tmp_path / "cache").rglob("*.part*"))  # every file was written atomically
     model.max_seq_length = 32
     assert not encoding.document_vectors(corpus, model, *args, show_progress=False).cached
+
+
+def test_each_rank_reads_only_the_texts_it_encodes(splade_tiny_path, tmp_path, monkeypatch):
+    corpus = tmp_path / "collection.tsv"
+    texts = cisi_texts(10)
+    corpus.write_text("".join(f"{i}\t{text}\n" for i, text in enumerate(texts)))
+    model = encoding.load_model(splade_tiny_path, max_seq_length=64)
+    args = ("fingerprint", tmp_path / "cache", 4, torch.device("cpu"), "fp32")
+    monkeypatch.setattr(encoding, "SHARD_SIZE", 3)  # shards 0-2, 3-5, 6-8, 9: rank 1 of 2 encodes 3-5 and 9
+    encoded, encode = [], encoding.encode
+    monkeypatch.setattr(
+        encoding, "encode", lambda model, t, *a, **k: encoded.append(list(t)) or encode(model, t, *a, **k)
+    )
+    read, read_corpus = [], encoding.read_corpus
+    monkeypatch.setattr(encoding, "read_corpus", lambda *a, **k: read.append(read_corpus(*a, **k)) or read[-1])
+    assert encoding.document_vectors(corpus, model, *args, rank=1, world_size=2, show_progress=False) is None
+    assert encoded == [texts[3:6], texts[9:]]
+    assert [t for t in read[0][1] if t] == texts[3:6] + texts[9:]  # the other texts were never held
+    docs = encoding.document_vectors(corpus, model, *args, rank=0, world_size=2, show_progress=False)
+    assert encoded[2:] == [texts[0:3], texts[6:9]] and docs.doc_ids == [str(i) for i in range(10)]
+    vectors = sp.vstack([sp.load_npz(shard) for shard in docs.shards])
+    expected = encode(model, texts, 4, torch.device("cpu"), "fp32", show_progress=False)
+    np.testing.assert_array_equal(vectors.toarray(), expected.toarray())

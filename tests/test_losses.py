@@ -11,6 +11,7 @@ from sentence_transformers.sparse_encoder.losses import (
     SpladeLoss,
 )
 
+from gloo import run_ranks
 from losses import MarginMSELossSplade, MultipleNegativesRankingLossSplade, flops, warmed_up
 from splade_module import load_splade
 
@@ -84,6 +85,83 @@ def test_quadratic_lambda_warmup():
     stats = loss.pop_stats()
     assert stats["lambda_q"] == pytest.approx(0.1) and stats["lambda_d"] == pytest.approx(0.05)
     assert stats["active_dims_q"] == pytest.approx((queries > 0).sum(1).float().mean().item())
+
+
+def both_losses(groups, labels):
+    """Every term of both losses on the same embeddings (queries, positives, negatives)."""
+    columns = [{"embedding": g} for g in groups]
+    mnrl = MultipleNegativesRankingLossSplade(GivenEmbeddings(), lambda_q=0.3, lambda_d=0.2)(columns, None)
+    mse = MarginMSELossSplade(GivenEmbeddings(), lambda_q=0.1, lambda_d=0.08)(columns, labels)
+    return {**{f"mnrl {k}": v for k, v in mnrl.items()}, **{f"margin-mse {k}": v for k, v in mse.items()}}
+
+
+def test_loss_arithmetic_is_fp32_under_bf16_autocast():
+    """Scores, margins and FLOPS in fp32 under autocast (the GPU training path; the original's were fp16): the same
+    terms as without autocast, where bf16 products would be off by ~1e-3."""
+    groups = [g * 0.3 for g in random_groups(3, batch=16, vocab=3000, seed=1)]  # scores of a few units
+    labels = torch.randn(16, generator=torch.Generator().manual_seed(2))
+    reference = both_losses(groups, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = both_losses(groups, labels)
+        # A model under autocast may hand over bf16 embeddings: the arithmetic on them is fp32 too.
+        from_bf16 = both_losses([g.bfloat16() for g in groups], labels)
+    rounded = both_losses([g.bfloat16().float() for g in groups], labels)
+    for name, value in reference.items():
+        assert under_autocast[name].dtype == torch.float32, name
+        assert under_autocast[name].item() == pytest.approx(value.item(), rel=1e-6, abs=1e-7), name
+        assert from_bf16[name].item() == pytest.approx(rounded[name].item(), rel=1e-6, abs=1e-7), name
+    # What the test guards against: the ranking loss from bf16 scores is measurably different.
+    q, p, n = groups
+    bf16_scores = (q.bfloat16() @ torch.cat([p, n]).bfloat16().T).float()
+    bf16_ranking = torch.nn.functional.cross_entropy(bf16_scores, torch.arange(16))
+    assert abs(bf16_ranking.item() - reference["mnrl ranking_loss"].item()) > 1e-4
+
+
+def _ranks_share(rank, world, groups, labels):
+    """One rank's share of the batch through both losses, counting the all-gathers."""
+    calls = []
+    gather = torch.distributed.nn.functional.all_gather
+    counting = lambda tensor, *args, **kwargs: calls.append(1) or gather(tensor, *args, **kwargs)
+    torch.distributed.nn.functional.all_gather = counting
+    mine = [g.chunk(world)[rank].clone().requires_grad_() for g in groups]
+    terms, grads, gathers = {}, {}, {}
+    for name, loss, own_labels in (
+        ("mnrl", MultipleNegativesRankingLossSplade(GivenEmbeddings(), 0.3, 0.2), None),
+        ("margin-mse", MarginMSELossSplade(GivenEmbeddings(), 0.1, 0.08), labels.chunk(world)[rank]),
+    ):
+        calls.clear()
+        for g in mine:
+            g.grad = None
+        values = loss([{"embedding": g} for g in mine], own_labels)
+        sum(values.values()).backward()
+        terms[name] = {k: v.item() for k, v in values.items()}
+        grads[name] = [g.grad.clone() for g in mine]
+        gathers[name] = len(calls)
+    return terms, grads, gathers
+
+
+def test_two_ranks_gather_once_per_step_and_equal_one_process():
+    """Under torchrun each rank gathers its queries and documents once per step (scores and FLOPS share it); the
+    terms averaged over ranks, and each rank's gradients / world, equal one process on the whole batch."""
+    groups = random_groups(3, batch=8, vocab=50, seed=3)
+    labels = torch.randn(8, generator=torch.Generator().manual_seed(4))
+    ranks = run_ranks(_ranks_share, groups, labels)
+    single = [g.clone().requires_grad_() for g in groups]
+    for name, loss, own_labels in (
+        ("mnrl", MultipleNegativesRankingLossSplade(GivenEmbeddings(), 0.3, 0.2), None),
+        ("margin-mse", MarginMSELossSplade(GivenEmbeddings(), 0.1, 0.08), labels),
+    ):
+        for g in single:
+            g.grad = None
+        values = loss([{"embedding": g} for g in single], own_labels)
+        sum(values.values()).backward()
+        for term, value in values.items():
+            mean_over_ranks = np.mean([terms[name][term] for terms, _, _ in ranks])
+            assert mean_over_ranks == pytest.approx(value.item(), rel=1e-6), (name, term)
+        for k, g in enumerate(single):
+            rank_grads = torch.cat([grads[name][k] for _, grads, _ in ranks]) / 2  # DDP averages over ranks
+            torch.testing.assert_close(rank_grads, g.grad, rtol=1e-5, atol=1e-7, msg=f"{name} group {k}")
+        assert [gathers[name] for _, _, gathers in ranks] == [1, 1], name
 
 
 def test_negative_lambda_refused():
