@@ -29,6 +29,7 @@ import retrieval
 from data.download import download_dev_small, file_lock
 from data.readers import DataError, iter_id_text, read_qrels, read_query_texts
 from encoding import encode, model_on_device, resolve_precision
+from errors import UserError
 
 QUERIES_FILE = "queries.dev.small.tsv"
 QRELS_FILE = "qrels.dev.small.tsv"
@@ -79,13 +80,28 @@ def sample_collection(path: Path, keep: set[int], corpus_size: int, seed: int) -
     return kept
 
 
-def dev_subset(data_dir, num_queries: int = 500, corpus_size: int = 100_000, seed: int = 42) -> DevSubset:
+class DevFilesError(UserError):
+    """The dev-small files are missing and cannot be downloaded; the message names --eval_steps 0."""
+
+
+def dev_subset(data_dir, num_queries: int = 500, corpus_size: int = 100_000, seed: int = 42) -> DevSubset | None:
     """num_queries MS MARCO dev-small queries against their relevant passages plus a fixed random sample of
-    corpus_size passages of collection.tsv (all of it when it is that small). Deterministic from the seed."""
+    corpus_size passages of collection.tsv (all of it when it is that small). Deterministic from the seed.
+
+    Under torchrun only the first process builds it (sentence-transformers' trainer calls the evaluator on rank 0
+    only); the others get None and do not stream the collection."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
     data_dir = Path(data_dir)
     if not (data_dir / QUERIES_FILE).exists() or not (data_dir / QRELS_FILE).exists():
-        with file_lock(data_dir / ".download.lock"):  # one torchrun rank downloads, the others wait
-            download_dev_small(data_dir)
+        try:
+            with file_lock(data_dir / ".download.lock"):
+                download_dev_small(data_dir)
+        except UserError as err:
+            raise DevFilesError(
+                f"the in-training evaluation needs {QUERIES_FILE} and {QRELS_FILE} in {data_dir}: {err}\n"
+                "  Put them there, or pass --eval_steps 0 to train without the in-training evaluation."
+            ) from None
     queries = read_query_texts(data_dir / QUERIES_FILE)
     qrels, _ = read_qrels(data_dir / QRELS_FILE)
     chosen = choose_queries(qrels, queries, num_queries, seed)
@@ -114,7 +130,7 @@ class DevRetrievalEvaluator(BaseEvaluator):
 
     def __init__(
         self,
-        subset: DevSubset,
+        subset: DevSubset | None,
         batch_size: int = 64,
         top_k: int = 1000,
         precision: str = "auto",
@@ -124,11 +140,14 @@ class DevRetrievalEvaluator(BaseEvaluator):
         super().__init__()
         self.subset, self.batch_size, self.top_k = subset, batch_size, top_k
         self.precision, self.name, self.show_progress = precision, name, show_progress
-        self.tie_ranks = retrieval.trec_tie_ranks(subset.doc_ids)
+        # None on the processes other than the first, which the trainer never asks to evaluate
+        self.tie_ranks = retrieval.trec_tie_ranks(subset.doc_ids) if subset is not None else None
         self.primary_metric = "mrr@10"
         self.greater_is_better = True
 
     def __call__(self, model, output_path: str | None = None, epoch: float = -1, steps: int = -1) -> dict:
+        if self.subset is None:
+            raise RuntimeError("this process has no dev subset: only the first process evaluates")
         device = next(model.parameters()).device
         with model_on_device(model, None, str(device)) as device:
             precision = resolve_precision(self.precision, device)
@@ -164,4 +183,6 @@ class DevRetrievalEvaluator(BaseEvaluator):
             os.fsync(f.fileno())
 
     def get_config_dict(self) -> dict:
+        if self.subset is None:
+            return {"top_k": self.top_k}
         return {"queries": len(self.subset.query_ids), "passages": len(self.subset.doc_ids), "top_k": self.top_k}

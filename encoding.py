@@ -34,6 +34,9 @@ from errors import UserError
 # is the unit of resuming and of splitting work between GPUs.
 SHARD_SIZE = 100_000
 CACHE_FORMAT = 1
+# How long the first process waits without a new shard from the others before it gives up (a rank died or hangs):
+# the trainer's ddp_timeout default. One shard (100k passages) takes about a minute on a GPU.
+SHARD_TIMEOUT = 1800.0
 
 
 class ModelError(UserError):
@@ -52,7 +55,7 @@ def load_model(model_or_path, max_seq_length: int | None = None):
 
     try:
         return load_splade(str(model_or_path), max_seq_length=max_seq_length)
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError) as error:  # a TypeError is a bug: it keeps its traceback
         raise ModelError(f"model {model_or_path}: {error}") from None
 
 
@@ -152,15 +155,34 @@ class DocVectors:
     cached: bool
 
 
-def wait_for_shards(paths: list[Path], poll_seconds: float = 10.0) -> None:
-    """Rank 0 waits for the shards other ranks write (each appears atomically when complete)."""
+class ShardsMissing(UserError):
+    """Other ranks did not deliver their document-vector shards in time."""
+
+
+def wait_for_shards(
+    paths: list[Path], timeout: float = SHARD_TIMEOUT, world_size: int = 1, poll_seconds: float = 10.0
+) -> None:
+    """Rank 0 waits for the shards other ranks write (each appears atomically when complete, shard i from rank
+    i % world_size). It gives up when no shard has appeared for `timeout` seconds, naming the missing ones."""
     missing = [p for p in paths if not p.is_file()]
+    last_progress = time.monotonic()
     with tqdm(
         total=len(paths), initial=len(paths) - len(missing), desc="shards from other ranks", disable=not missing
     ) as bar:
         while missing:
-            time.sleep(poll_seconds)
+            waited = time.monotonic() - last_progress
+            if waited >= timeout:
+                names = ", ".join(f"{p.name} (rank {paths.index(p) % world_size})" for p in missing[:8])
+                raise ShardsMissing(
+                    f"gave up after {waited:.0f} s without a new shard from the other processes: {len(missing)} of "
+                    f"{len(paths)} missing in {missing[0].parent}: {names}{' ...' if len(missing) > 8 else ''}. "
+                    "The process that writes them died or hangs. The finished shards are kept: run the same command "
+                    "again and only the missing ones are encoded (a process that is only slow: raise --shard_timeout)"
+                )
+            time.sleep(min(poll_seconds, timeout - waited))
             still = [p for p in missing if not p.is_file()]
+            if len(still) < len(missing):
+                last_progress = time.monotonic()
             bar.update(len(missing) - len(still))
             missing = still
 
@@ -193,6 +215,7 @@ def document_vectors(
     rank: int = 0,
     world_size: int = 1,
     show_progress: bool = True,
+    shard_timeout: float = SHARD_TIMEOUT,
 ) -> DocVectors | None:
     """Encode a corpus into shard files under a directory named by everything the vectors depend
     on, skipping shards already there. Returns None on ranks other than 0."""
@@ -228,7 +251,7 @@ def document_vectors(
     encode_seconds = time.perf_counter() - started
     if rank != 0:
         return None
-    wait_for_shards(shards)
+    wait_for_shards(shards, shard_timeout, world_size)
     write_text_atomic(directory / "doc_ids.json", json.dumps(doc_ids))
     # The manifest is written last: its presence means the whole cache entry is complete.
     write_text_atomic(manifest, json.dumps({"num_docs": len(doc_ids), "shards": [p.name for p in shards]}))
@@ -248,6 +271,7 @@ class Encoder:
     rank: int
     world_size: int
     show_progress: bool
+    shard_timeout: float = SHARD_TIMEOUT
 
     def documents(self, corpus_file: Path):
         """The corpus's DocVectors (from the cache when there); None on ranks other than 0."""
@@ -262,6 +286,7 @@ class Encoder:
             self.rank,
             self.world_size,
             self.show_progress,
+            self.shard_timeout,
         )
 
     def texts(self, texts: list[str], desc: str) -> sp.csr_matrix:

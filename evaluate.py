@@ -47,7 +47,7 @@ import torch
 import retrieval
 from data.atomic import write_text_atomic
 from data.eval_sets import DEFAULT_CACHE_DIR, SPLADE_BEIR_SETS, EvalSet, resolve_datasets
-from encoding import Encoder, load_model, log, model_fingerprint, model_on_device, resolve_precision
+from encoding import SHARD_TIMEOUT, Encoder, load_model, log, model_fingerprint, model_on_device, resolve_precision
 from errors import UserError, main_exits_2_on_user_error
 
 TOP_K = 1000
@@ -80,6 +80,7 @@ def evaluate_on_index(
     query_vectors: sp.csr_matrix,
     top_k: int,
     show_progress: bool,
+    engine=None,
 ) -> tuple[dict, retrieval.SearchResult]:
     query_ids = list(eval_set.queries)
     exclude = None
@@ -87,9 +88,12 @@ def evaluate_on_index(
         position = {doc_id: i for i, doc_id in enumerate(doc_ids)}
         exclude = np.array([position.get(qid, -1) for qid in query_ids], dtype=np.int64)
     started = time.perf_counter()
-    result = retrieval.search(
-        index, query_vectors, k=top_k, tie_ranks=tie_ranks, exclude=exclude, show_progress=show_progress
-    )
+    if engine is None:
+        result = retrieval.search(
+            index, query_vectors, k=top_k, tie_ranks=tie_ranks, exclude=exclude, show_progress=show_progress
+        )
+    else:  # a peer (retrieval/peers.py): its own index of the same vectors, its own ranking and ties
+        result = engine.search(index, query_vectors, top_k, exclude)
     search_seconds = time.perf_counter() - started
     run = retrieval.result_to_run(result, query_ids, doc_ids)
     metrics = retrieval.evaluate_run(run, eval_set.qrels, recall_min_rel=eval_set.recall_min_rel)
@@ -138,6 +142,8 @@ def evaluate_model(
     keep_self_hits: bool = False,
     distributed: bool = False,
     show_progress: bool = True,
+    shard_timeout: float = SHARD_TIMEOUT,
+    engine: str = "exact",
 ) -> dict | None:
     """Evaluate a model (a SparseEncoder or a path / hub id) on data sets and return the metrics,
     the same dict that ``output_dir/metrics.json`` receives:
@@ -150,8 +156,15 @@ def evaluate_model(
     (see data.eval_sets.resolve_datasets) or EvalSet objects. ``keep_self_hits``: do not apply BEIR's
     rule that drops a hit whose id equals the query id. ``cache_dir=None``: no cache (vectors in a
     temporary directory). ``distributed=True``: call on every torchrun rank; documents are encoded by
-    all ranks, the rest by rank 0, which alone returns the metrics (others return None). Call it on
-    rank 0 only with distributed=False (the default)."""
+    all ranks, the rest by rank 0, which alone returns the metrics (others return None); rank 0 gives up
+    when no other rank's shard has appeared for ``shard_timeout`` seconds. Call it on rank 0 only with
+    distributed=False (the default). ``engine``: 'exact' (ours), or a peer engine of
+    retrieval/peers.py ('seismic', 'bmp') searching the same vectors, to see what it costs in quality."""
+    peer = None
+    if engine != "exact":
+        from retrieval.peers import peer_engine  # optional packages: imported only when asked for
+
+        peer = peer_engine(engine)
     rank, world_size = distributed_rank() if distributed else (0, 1)
     sets = eval_sets_of(datasets, data_dir, cache_dir or DEFAULT_CACHE_DIR, beir_split, download, keep_self_hits)
     if cache_dir is None and world_size > 1:
@@ -172,15 +185,16 @@ def evaluate_model(
         precision = resolve_precision(precision, device)
         cache_root = Path(cache) / "doc_vectors"
         encoder = Encoder(
-            model, fingerprint, cache_root, batch_size, device, precision, rank, world_size, show_progress
-        )
+            model, fingerprint, cache_root, batch_size, device, precision, rank, world_size, show_progress,
+            shard_timeout,
+        )  # fmt: skip
         results = {}
         # Data sets over the same corpus (MS MARCO dev, DL19, DL20) share one encoding and one index.
         corpora = {}
         for eval_set in sets:
             corpora.setdefault(eval_set.corpus_file.resolve(), []).append(eval_set)
         for corpus_file, group in corpora.items():
-            results.update(evaluate_corpus(encoder, corpus_file, group, top_k, runs_dir, run_name))
+            results.update(evaluate_corpus(encoder, corpus_file, group, top_k, runs_dir, run_name, peer))
     if rank != 0:
         return None
     add_beir_mean(results, sets)
@@ -202,7 +216,13 @@ def eval_sets_of(datasets, data_dir, cache_dir, beir_split, download, keep_self_
 
 
 def evaluate_corpus(
-    encoder: Encoder, corpus_file: Path, group: list[EvalSet], top_k: int, runs_dir: Path | None, run_name: str
+    encoder: Encoder,
+    corpus_file: Path,
+    group: list[EvalSet],
+    top_k: int,
+    runs_dir: Path | None,
+    run_name: str,
+    engine=None,
 ) -> dict:
     """Encode and index one corpus, then search and score every data set over it (rank 0 only)."""
     docs = encoder.documents(corpus_file)
@@ -223,7 +243,7 @@ def evaluate_corpus(
         query_vectors = encoder.texts(list(eval_set.queries.values()), desc=f"encode {eval_set.name} queries")
         query_seconds = time.perf_counter() - started
         metrics, result = evaluate_on_index(
-            eval_set, index, docs.doc_ids, tie_ranks, query_vectors, top_k, encoder.show_progress
+            eval_set, index, docs.doc_ids, tie_ranks, query_vectors, top_k, encoder.show_progress, engine
         )
         metrics.update(
             encode_seconds=docs.encode_seconds + query_seconds,
@@ -348,6 +368,18 @@ def parse_args(argv=None):
     parser.add_argument("--top_k", type=int, default=TOP_K, help="hits per query in runs and metrics")
     parser.add_argument("--run_name", help="last column of the run files (default: the model's folder name)")
     parser.add_argument("--no_runs", action="store_true", help="do not write TREC run files")
+    parser.add_argument(
+        "--shard_timeout",
+        type=float,
+        default=SHARD_TIMEOUT,
+        help="torchrun: seconds the first process waits without a new shard from the others",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("exact", "seismic", "bmp"),
+        default="exact",
+        help="search engine: exact (ours, the table's) or a peer over the same vectors (requirements-peers.txt)",
+    )
     return parser.parse_args(argv)
 
 
@@ -382,6 +414,8 @@ def main(argv=None) -> int:
         run_name=args.run_name,
         keep_self_hits=args.keep_self_hits,
         distributed=world_size > 1,
+        shard_timeout=args.shard_timeout,
+        engine=args.engine,
     )
     if results is not None:
         print(results_table(results, model_name))

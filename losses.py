@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (all_gather with a backward: `import torch.distributed` does not load it)
 import torch.nn.functional as F
 from torch import nn
 

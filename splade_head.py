@@ -110,7 +110,7 @@ class SpladeMaxHead(torch.autograd.Function):
         ctx.save_for_backward(tokens, attention_mask, weight, bias, best)
         ctx.token_starts = [0, *itertools.accumulate(lengths)]
         ctx.hidden_dtype = hidden.dtype
-        return torch.log1p(torch.relu(best))
+        return torch.log1p(torch.relu(best.float()))  # fp32 embeddings (and gradients) on any device, as on CUDA
 
     @staticmethod
     def backward(ctx, grad_output):

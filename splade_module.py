@@ -8,7 +8,7 @@ computed as log1p(relu(max_t logits[t, v])) (log1p and relu are monotonic), neve
 
   splade_module.py  this module: SpladeMax, SpladeEncoder, load_splade, saving and loading; splade_max_naive.
   splade_head.py    the max over real tokens only (training and inference skip padding); SpladeMaxHead to train.
-  bf16_screen.py    exact fp32 inference from a bf16 screen, used where bf16 matmul is native (screen_bf16).
+  bf16_screen.py    exact fp32 inference from a bf16 screen, used where measured faster (screen_bf16).
 
 Saving writes the plain sentence-transformers SPLADE layout (Transformer fill-mask + SpladePooling
 max), which loads with `SparseEncoder(path)`, `AutoModelForMaskedLM.from_pretrained(path)` and
@@ -28,7 +28,7 @@ from sentence_transformers.sparse_encoder.modules import SpladePooling
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
-from bf16_screen import bf16_decoder, bf16_matmul_is_native, max_logits_screened
+from bf16_screen import bf16_decoder, bf16_matmul_is_native, faster_of, max_logits_screened
 from splade_head import SpladeMaxHead, max_logits, max_logits_unpadded
 
 
@@ -63,7 +63,8 @@ class SpladeMax(InputModule):
         mlm, tokenizer: an already built masked-LM and tokenizer instead of a path (e.g. randomly initialised).
         screen_bf16: at inference in fp32, find the candidate terms with a bf16 projection and compute only those
             in fp32 (bf16_screen.py: the same vectors up to fp32 rounding). "auto": where bf16 matmul is
-            native (`bf16_matmul_is_native`); True/False: always/never. A runtime choice: not saved.
+            native and the screen is measured faster than the plain path on the first batches (`faster_of`, once
+            per process and shape); True/False: always/never. A runtime choice: not saved.
     """
 
     save_in_root = True
@@ -128,18 +129,22 @@ class SpladeMax(InputModule):
 
     def _inference_max_logits(self, hidden, attention_mask, weight, bias) -> torch.Tensor:
         # Under autocast the caller asked for bf16 values: the plain path gives them. Screening pays off only
-        # where bf16 matmul is much faster than fp32.
+        # where bf16 matmul is much faster than fp32: emulated bf16 never is; native bf16 is measured.
         screen = self.screen_bf16
         if screen == "auto":
             screen = bf16_matmul_is_native(hidden.device)
+        plain = lambda: max_logits_unpadded(hidden, attention_mask, weight, bias)  # noqa: E731
         if not screen or hidden.dtype != torch.float32 or weight.dtype != torch.float32:
-            return max_logits_unpadded(hidden, attention_mask, weight, bias)
+            return plain()
         if torch.is_autocast_enabled(hidden.device.type):
-            return max_logits_unpadded(hidden, attention_mask, weight, bias)
+            return plain()
         key = (weight.data_ptr(), weight._version, weight.device)
         if self._screen_decoder is None or self._screen_decoder[0] != key:
             self._screen_decoder = key, bf16_decoder(weight)
-        return max_logits_screened(hidden, attention_mask, weight, bias, self._screen_decoder[1])
+        screened = lambda: max_logits_screened(hidden, attention_mask, weight, bias, self._screen_decoder[1])  # noqa: E731
+        if self.screen_bf16 != "auto":
+            return screened()
+        return faster_of((str(hidden.device), *weight.shape), hidden.device, plain, screened)
 
     def get_embedding_dimension(self) -> int:
         return self.decoder.weight.shape[0]

@@ -94,6 +94,7 @@ def main():
         max_grad_norm=1.0,
         **training.precision(args.precision),  # the original: fp16 autocast with loss scaling
         use_cpu=not torch.cuda.is_available(),  # also makes torchrun on CPUs real DDP (gloo)
+        ddp_timeout=args.ddp_timeout,  # torchrun: how long a process waits for the others (training.start_run)
         save_strategy="epoch" if args.save_steps == 0 else "steps",
         save_steps=args.save_steps or None,
         save_total_limit=args.save_total_limit,
@@ -114,6 +115,7 @@ def main():
         optimizer_cls_and_kwargs=optimizer,  # None: the trainer builds args.optim
         no_decay=["bias", "LayerNorm.bias", "LayerNorm.weight"],  # substrings, as fit() matched them
         collapse_patience=args.collapse_patience,
+        max_skipped_steps=args.max_skipped_steps,
         callbacks=[training.KeepOptimizerStateOfNewestCheckpoint()],
     )
 

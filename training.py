@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -110,7 +111,11 @@ def parse_args(description: str, hyperparameters: dict, sample: dict, argv: list
     add("--eval_corpus_size", type=int, default=100_000, help="random collection passages it retrieves among")
     add("--collapse_patience", type=int, default=3,
         help="stop when query or document vectors are all zero for this many logging steps in a row")  # fmt: skip
+    add("--max_skipped_steps", type=int, default=10,
+        help="fp16: stop when the loss stays non-finite for more than N steps (GradScaler skips each)")  # fmt: skip
     add("--evaluate", action="store_true", help="after training: MS MARCO dev + TREC DL 2019/2020 into the card")
+    add("--ddp_timeout", type=int, default=1800,
+        help="torchrun: seconds a process waits for the others (process group, final evaluation)")  # fmt: skip
     if "--sample" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**sample, data_dir=str(SAMPLE_DIR))
     args = parser.parse_args(argv)
@@ -133,6 +138,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("this GPU does not support bf16; use --precision fp16")
     if args.collapse_patience < 1:
         raise UserError("--collapse_patience must be at least 1")
+    if args.max_skipped_steps < 0:
+        raise UserError("--max_skipped_steps must be at least 0")
 
 
 def precision(choice: str) -> dict[str, bool]:
@@ -201,7 +208,7 @@ def build_sample_model(texts, max_seq_length: int, seed: int, lean_head: bool = 
 def start_run(args: argparse.Namespace, name: str, script: str) -> Path:
     """The run folder, and what documents the run even if it crashes: the script with its command line appended
     (train_script.py, as the original wrote it) and hyperparameters.json. Every process agrees on the folder."""
-    output_dir = _agreed_across_processes(_run_dir(args, name))
+    output_dir = _agreed_across_processes(_run_dir(args, name), args.ddp_timeout)
     if _is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         command = f"\n\n# Script was called via:\n# python {' '.join(sys.argv)}\n"
@@ -225,27 +232,56 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _agreed_across_processes(path: Path) -> Path:
-    """Under torchrun each process would stamp its own time into the folder name: take rank 0's."""
+def _agreed_across_processes(path: Path, timeout_seconds: int) -> Path:
+    """Under torchrun each process would stamp its own time into the folder name: take rank 0's.
+
+    This creates the process group the trainer will use (gloo on CPUs); the trainer finds it made and does not
+    make its own, so it gets the trainer's timeout (ddp_timeout) here, not the backend's default (NCCL's is
+    10 minutes, less than the first process may take to build the dev subset of 8.8M passages)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return path
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    PartialState(cpu=not torch.cuda.is_available())  # the process group the trainer will use (gloo on CPUs)
+    PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout_seconds))
     shared = [str(path)]
     torch.distributed.broadcast_object_list(shared, src=0)
     return Path(shared[0])
 
 
 def resume_checkpoint(args: argparse.Namespace, output_dir: Path) -> str | None:
+    """'last': the newest complete checkpoint; newer ones that a kill left half-written are skipped and named."""
     if args.resume_from_checkpoint == "last":
-        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if checkpoint is None:
+        numbered = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+        if not numbered:
             raise UserError(f"no checkpoint-* folder in {output_dir} to resume from")
-        return checkpoint
+        skipped = []
+        for checkpoint in sorted(numbered, key=lambda p: int(p.name[11:]), reverse=True):
+            lacking = checkpoint_lacks(checkpoint)
+            if not lacking:
+                if skipped and _is_main_process():
+                    print(f"warning: skipping {'; '.join(skipped)} (written when the run was killed); "
+                          f"resuming from {checkpoint.name}", file=sys.stderr)  # fmt: skip
+                return str(checkpoint)
+            skipped.append(f"incomplete {checkpoint.name}: no {', '.join(lacking)}")
+        raise UserError(f"no complete checkpoint in {output_dir} to resume from: {'; '.join(skipped)}")
     if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
         raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
     return args.resume_from_checkpoint
+
+
+def checkpoint_lacks(checkpoint: Path) -> list[str]:
+    """What a checkpoint lacks to resume from. The trainer writes the model, then the optimizer and scheduler, and
+    trainer_state.json last; older checkpoints lose their optimizer state once a newer one is complete."""
+    lacking = [name for name in ("optimizer.pt", "scheduler.pt") if not (checkpoint / name).is_file()]
+    if not any((checkpoint / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        lacking.insert(0, "model weights")
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        lacking.append("readable trainer_state.json")
+    return lacking
 
 
 class TrainingStopped(UserError):
@@ -256,15 +292,26 @@ class SpladeTrainer(SparseEncoderTrainer):
     """sentence-transformers' trainer, plus:
     - the loss's lambda warm-up follows the optimizer step; every log carries lambdas, raw FLOPS, active dims;
     - weight decay skips exactly the parameters whose names contain one of `no_decay` (as the original's fit());
-    - a non-finite loss stops the run at once, and so do all-zero query or document vectors for
-      `collapse_patience` logging steps in a row (the FLOPS regulariser has silenced the model)."""
+    - a non-finite loss stops the run at once (under fp16 loss scaling: after `max_skipped_steps` in a row, each
+      one a step that GradScaler skips), and so do all-zero query or document vectors for `collapse_patience`
+      logging steps in a row (the FLOPS regulariser has silenced the model). Every rank takes the same decision."""
 
-    def __init__(self, *args, no_decay: list[str], collapse_patience: int = 3, **kwargs):
+    def __init__(self, *args, no_decay: list[str], collapse_patience: int = 3, max_skipped_steps: int = 10, **kwargs):
         super().__init__(*args, **kwargs)
         self.no_decay = no_decay
         self.collapse_patience = collapse_patience
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped_steps = 0
         self.zero_logs = 0
         self.last_terms: dict[str, torch.Tensor] = {}
+        # The card's training-set size: sentence-transformers counted the rotation's epochs x queries virtual rows.
+        queries = getattr(self.train_dataset, "rotation_queries_per_epoch", None)
+        card = self.model.model_card_data
+        if queries:
+            for info in card.train_datasets:
+                if "size" in info:
+                    info["size"] = queries
+            card.tags = [f"dataset_size:{queries}" if t.startswith("dataset_size:") else t for t in card.tags or []]
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return [name for name, _ in model.named_parameters() if not any(nd in name for nd in self.no_decay)]
@@ -273,11 +320,36 @@ class SpladeTrainer(SparseEncoderTrainer):
         self.loss.step = self.state.global_step
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         value = loss[0] if return_outputs else loss
-        # One host sync per step, which transformers' own logging_nan_inf_filter already pays.
-        if model.training and not torch.isfinite(value.detach()):
-            terms = {name: float(term) for name, term in self.last_terms.items()}
-            self._stop("the loss is not finite", f"loss terms: {terms}")
+        if model.training:
+            self.check_finite(value)
         return loss
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop on a non-finite loss on any rank. Under fp16 loss scaling, GradScaler skips the step whose values
+        overflowed (the non-finite gradients that follow) and lowers its scale: stop only when that has happened
+        for more than `max_skipped_steps` steps in a row. One host sync per step, which transformers' own
+        logging_nan_inf_filter already pays, and under torchrun one all-reduce of a flag."""
+        bad = (~torch.isfinite(loss.detach())).any().to(torch.int32).reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # the same decision on every rank
+        if not bad.item():
+            self.skipped_steps = 0
+            return
+        terms = {name: float(term) for name, term in self.last_terms.items()}
+        if not self.args.fp16:
+            self._stop("the loss is not finite (on at least one rank)", f"loss terms: {terms}")
+        self.skipped_steps += 1
+        if self.skipped_steps > self.max_skipped_steps:
+            self._stop(
+                f"the loss has not been finite for {self.skipped_steps} steps in a row under fp16 loss scaling "
+                f"(--max_skipped_steps {self.max_skipped_steps})",
+                f"loss terms: {terms}",
+            )
+        print(
+            f"warning: step {self.state.global_step}: the loss is not finite (fp16 overflow); GradScaler skips this "
+            f"step ({self.skipped_steps} in a row, --max_skipped_steps {self.max_skipped_steps})",
+            file=sys.stderr,
+        )
 
     def track_loss_components(self, loss: dict[str, torch.Tensor]) -> None:
         self.last_terms = {name: value.detach() for name, value in loss.items()}
@@ -343,30 +415,61 @@ def sample_dev_mrr(model) -> float:
 
 
 def finish_run(model, trainer, args, output_dir: Path, training_set) -> None:
-    """Rank 0: the final model with its card, the mining report, the curves, the best dev step, and (--evaluate)
-    the results-table metrics."""
-    if not trainer.is_world_process_zero():
-        return
-    metrics = {}
-    if getattr(args, "sample_dev_mrr", None):
-        metrics["sample-dev mrr@10"] = args.sample_dev_mrr
-    if args.evaluate:
-        from evaluate import evaluate_model, results_table
-
-        datasets = [str(SAMPLE_DIR)] if args.sample else ["msmarco", "trec-dl-2019", "trec-dl-2020"]
-        results = evaluate_model(model, datasets, output_dir / "eval", data_dir=args.data_dir)
-        print(results_table(results, output_dir.name))
-        metrics.update(results)
+    """First what must not be lost (rank 0): the final model with its card, the mining report, the curves and the
+    best dev step. Then --evaluate, on every process (each encodes its share of the shards, as `torchrun evaluate.py`
+    does), and its metrics into the card. A failed evaluation leaves all of that and says how to rerun it."""
     best = best_dev_step(trainer.state.log_history)
-    if best:
-        write_text_atomic(output_dir / "best_dev_step.json", json.dumps(best, indent=2) + "\n")
-        print(f"best dev MRR@10 {best['eval_mrr@10']:.4f} at step {best['step']} (best_dev_step.json)")
-    model.save(str(output_dir))
-    append_recipe_to_card(output_dir / "README.md", vars(args), metrics, best)
-    training_set.save_report(output_dir / "mining_report.json")
-    from plots import plot_training_curves
+    if trainer.is_world_process_zero():
+        if best:
+            write_text_atomic(output_dir / "best_dev_step.json", json.dumps(best, indent=2) + "\n")
+            print(f"best dev MRR@10 {best['eval_mrr@10']:.4f} at step {best['step']} (best_dev_step.json)")
+        model.save(str(output_dir))
+        sample = {"sample-dev mrr@10": args.sample_dev_mrr} if getattr(args, "sample_dev_mrr", None) else {}
+        append_recipe_to_card(output_dir / "README.md", vars(args), sample, best)
+        training_set.save_report(output_dir / "mining_report.json")
+        from plots import plot_training_curves
 
-    plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+    if args.evaluate:
+        final_evaluation(args, output_dir)
+
+
+class EvaluationFailed(UserError):
+    """The final evaluation failed after the final model was saved; the message gives the command that reruns it."""
+
+
+def final_evaluation(args: argparse.Namespace, output_dir: Path) -> None:
+    """--evaluate: the saved model (so that the cached document vectors serve a rerun of evaluate.py on the run
+    folder) on MS MARCO dev and TREC DL 2019/2020 (--sample: the sample's dev set), metrics into the card."""
+    from evaluate import evaluate_model, results_table
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        torch.distributed.barrier()  # every process evaluates what the first one has saved
+    datasets = ["msmarco"] if args.sample else ["msmarco", "trec-dl-2019", "trec-dl-2020"]
+    launcher = f"torchrun --nproc_per_node {world_size} " if world_size > 1 else "python "
+    rerun = (
+        f"{launcher}evaluate.py {shlex.quote(str(output_dir))} --msmarco{'' if args.sample else ' --trec-dl 2019 2020'}"
+        f" --data_dir {shlex.quote(str(args.data_dir))} --output {shlex.quote(str(output_dir / 'eval'))}"
+    )
+    try:
+        results = evaluate_model(
+            str(output_dir), datasets, output_dir / "eval", data_dir=args.data_dir,
+            distributed=world_size > 1, shard_timeout=args.ddp_timeout,
+        )  # fmt: skip
+    except (UserError, MemoryError, OSError) as error:
+        raise EvaluationFailed(
+            f"the final evaluation (--evaluate) failed: {type(error).__name__}: {error}\n"
+            f"  The final model, its card, the curves and the mining report are saved in {output_dir}.\n"
+            f"  Rerun the evaluation with: {rerun}"
+        ) from None
+    except BaseException:  # a bug: its traceback follows
+        print(f"the final evaluation failed; the final model is saved in {output_dir}; rerun it with: {rerun}",
+              file=sys.stderr)  # fmt: skip
+        raise
+    if results is not None:  # the first process
+        print(results_table(results, output_dir.name))
+        append_evaluation_to_card(output_dir / "README.md", results)
 
 
 def best_dev_step(log_history: list[dict]) -> dict | None:
@@ -384,3 +487,8 @@ def append_recipe_to_card(card: Path, hyperparameters: dict, metrics: dict, best
         lines += ["", "### Evaluation", "", "```json", json.dumps(metrics, indent=2), "```"]
     text = card.read_text() if card.exists() else f"# {card.parent.name}\n"
     write_text_atomic(card, text + "\n".join(lines) + "\n")
+
+
+def append_evaluation_to_card(card: Path, results: dict) -> None:
+    lines = ["", "### Final evaluation (`evaluate.py`, metrics.json in eval/)", "", "```json"]
+    write_text_atomic(card, card.read_text() + "\n".join([*lines, json.dumps(results, indent=2), "```"]) + "\n")

@@ -10,8 +10,8 @@ writes NumPy float32 scalars, as a cross-encoder's predict returns them). Then, 
 `unpickle` (pickle.load and the dict turned into CSR arrays: what reading the scores cost before
 data.ce_pickle) and `walk` (data.ce_scores.read_scores_pickle_gz) read the pickle; the two must give the same
 arrays; their peak RSS, time and ratios are printed. Without --ce-only the files are then mined: `max` (first
-run: reads the scores and writes the .npz cache), `max` again (from the cache) and `distill` (from the cache),
-each also building the 30-epoch dataset.
+run: reads the scores, writes the .npz scores cache and the mined-set cache), `max` again (maps the mined set) and
+`distill` (mines, from the scores cache), each also building the 30-epoch dataset.
 """
 
 import argparse
@@ -232,9 +232,9 @@ def main():
     compare_ce_readers(d, results)
     if not args.ce_only:
         for label, mode in [
-            ("max (read scores + write cache)", "max"),
-            ("max (cache)", "max"),
-            ("distill (cache)", "distill"),
+            ("max (first run: reads the scores, mines, writes both caches)", "max"),
+            ("max (mined-set cache)", "max"),
+            ("distill (mines, from the scores cache)", "distill"),
         ]:
             results[label] = run_child(label, MINE, str(d), mode)
     print(json.dumps(results, indent=2))

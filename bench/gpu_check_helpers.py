@@ -4,11 +4,19 @@ sentence-transformers'). Imported by bench/gpu_check.py, which puts the reposito
 
 from __future__ import annotations
 
+import json
+import math
+import operator
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from common import sample_texts
+from common import ROOT, sample_texts
 
 from losses import MarginMSELossSplade, MultipleNegativesRankingLossSplade
 
@@ -26,6 +34,7 @@ class Sizes:
     measured_steps: int
     search_seconds: float  # per largest-batch search; 0 = no search
     train: dict  # train_max.py: steps, save_steps, resume_steps, extra flags
+    torchrun_flags: list  # train_max.py under torchrun (multiprocess): the sample's data, no --sample evaluation
     encode_docs: int
     encode_batch: int
     exact_docs: int
@@ -33,13 +42,47 @@ class Sizes:
 
 
 class Context:
-    """What every section needs: sizes, device, the model folder, the clock, and the checks so far."""
+    """What every section needs: sizes, device, the model folder, its deadline (wall clock, time.time()), whether
+    a fault is injected (--inject-fault), and where its result goes (written as it grows: a section killed at its
+    limit still leaves what it measured)."""
 
-    def __init__(self, sizes: Sizes, device: str, model_dir: str, deadline: float, fault: float):
-        self.sizes, self.device, self.model_dir, self.deadline, self.fault = sizes, device, model_dir, deadline, fault
+    def __init__(self, sizes: Sizes, device: str, model_dir: str, deadline: float, fault: bool, result_path=None):
+        self.sizes, self.device, self.model_dir, self.deadline = sizes, device, model_dir, deadline
+        self.fault, self.result_path = fault, result_path
 
     def seconds_left(self) -> float:
-        return self.deadline - time.monotonic()
+        return self.deadline - time.time()
+
+    def save(self, result: dict) -> None:
+        if self.result_path:
+            Path(self.result_path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+OPERATORS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, ">": operator.gt}
+
+
+def compare(name: str, value, op: str, threshold, applies: bool = True, why_not: str = "", **details) -> dict:
+    """One thresholded comparison: passed is True or False where it applies, None (with the reason) where it
+    means nothing on this device; the value is recorded either way. A missing or non-finite value fails."""
+    if not applies:
+        passed = None
+    elif value is None or (isinstance(value, float) and not math.isfinite(value)):
+        passed = False
+    else:
+        passed = bool(OPERATORS[op](value, threshold))
+    check = {"name": name, "value": value, "op": op, "threshold": threshold, "passed": passed, **details}
+    if not applies:
+        check["not_applied"] = why_not
+    return check
+
+
+def describe(check: dict) -> str:
+    """One line per check: verdict, name, measured value against its threshold."""
+    verdict = {True: "PASS", False: "FAIL", None: "N/A "}[check["passed"]]
+    value = check["value"]
+    shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+    line = f"{verdict} {check['name']}: {shown} (threshold {check['op']} {check['threshold']})"
+    return line + (f" -- not applied: {check['not_applied']}" if check["passed"] is None else "")
 
 
 def autocast(device: str, precision: str):
@@ -117,3 +160,52 @@ def st_model(path: str, max_seq_length: int, device: str):
     model = SparseEncoder(path, device=device)
     model.max_seq_length = max_seq_length
     return model
+
+
+def run_command(command: list[str], seconds: float, env: dict | None = None) -> tuple[int | None, str, str]:
+    """(exit status or None on timeout, stdout, stderr); on timeout the whole process group goes, so that
+    torchrun's workers do not outlive it."""
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=max(1.0, seconds))
+        return process.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        return None, stdout, stderr
+
+
+def train_max(ctx: Context, flags: list[str], output_dir: str, model: str | None, processes: int = 0) -> dict:
+    """Run train_max.py (on `model`, or --sample's own) directly with the sizes' training flags, or under torchrun
+    with `processes` processes and its torchrun flags, within the section's time left: exit status, the losses
+    its trainer logged, stdout."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes else []
+    sized = ctx.sizes.torchrun_flags if processes else ctx.sizes.train["flags"]
+    command = [sys.executable, *launcher, "train_max.py", *sized, "--output_dir", output_dir]
+    command += ["--model_name", model] if model else []
+    env = {"OMP_NUM_THREADS": "1"} if ctx.device == "cpu" else {}  # a shared CPU loses to idle threads' spinning
+    returncode, stdout, stderr = run_command(command + flags, ctx.seconds_left() - 2, env)
+    states = sorted(Path(output_dir).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name[11:]))
+    history = json.loads(states[-1].read_text())["log_history"] if states else []
+    result = {
+        "returncode": returncode,
+        "last_step": history[-1].get("step") if history else None,
+        "losses": [entry["loss"] for entry in history if "loss" in entry],
+        "stdout": stdout,
+    }
+    if returncode is None:
+        result["timed_out"] = True
+    elif returncode != 0:
+        result["error"] = (stderr or stdout)[-1500:]
+    return result
+
+
+def finite_losses_check(ctx: Context, what: str, run: dict) -> dict:
+    """The run exited 0 and logged losses, every one finite (a NaN is appended under --inject-fault)."""
+    losses = run.pop("losses") + ([float("nan")] if ctx.fault else [])
+    ok = run["returncode"] == 0 and bool(losses) and all(math.isfinite(x) for x in losses)
+    run.pop("stdout", None)
+    return compare(f"{what}: exit 0, every logged loss finite", ok, "==", True, logged_losses=len(losses), **run)

@@ -10,11 +10,23 @@ import time
 
 import torch
 from common import machine_name, peak_bf16_flops
-from gpu_check_helpers import Context, autocast, batch_texts, recipe_loss, st_model, sync, timing_precision, tokenised
+from gpu_check_helpers import (
+    Context,
+    autocast,
+    batch_texts,
+    compare,
+    recipe_loss,
+    st_model,
+    sync,
+    timing_precision,
+    tokenised,
+)
 
 from splade_module import load_splade
 
 LAMBDAS = {"max": (0.0008, 0.0006), "distill": (0.01, 0.008)}
+STEP_RATIO = 0.6  # ours at most this fraction of sentence-transformers' median step time (bf16, GPU)
+MEMORY_RATIO = 0.5  # ours at most this fraction of sentence-transformers' peak GPU memory
 
 
 def train_step(loss, optimizer, features, labels, device: str) -> None:
@@ -97,28 +109,53 @@ def measure_recipe(ctx: Context, recipe: str, side: str, worst_case: bool) -> di
 
 
 def recipe(ctx: Context) -> dict:
-    """Every (recipe, lengths, side) measured first; then, on a GPU, the largest batches in the time left."""
-    rows = []
+    """Every (recipe, lengths, side) measured first, with the thresholds checked at the recipe's configuration (all
+    texts at max length); then, on a GPU, the largest batches in the time left."""
+    result = {"rows": [], "checks": []}
+    rows = result["rows"]
     for name in ctx.sizes.recipes:
         for lengths in ("realistic", "worst"):
             for side in ("ours", "st"):
                 what = {"recipe": name, "side": side, "lengths": lengths}
-                if ctx.seconds_left() < 10:
-                    rows.append({**what, "skipped": "time budget"})
-                    continue
                 try:
                     rows.append(measure_recipe(ctx, name, side, lengths == "worst"))
                 except torch.cuda.OutOfMemoryError:
                     rows.append({**what, "oom": True})
                 release_memory(ctx.device)
+                ctx.save(result)
+        result["checks"] += recipe_checks(ctx, name, rows)
+        ctx.save(result)
     searches = [r for r in rows if r.get("lengths") == "worst" and "median_step_ms" in r]
     for i, row in enumerate(searches if ctx.device == "cuda" and ctx.sizes.search_seconds else []):
-        seconds = min(ctx.sizes.search_seconds, (ctx.seconds_left() - 5) / (len(searches) - i))
+        seconds = min(ctx.sizes.search_seconds, (ctx.seconds_left() - 10) / (len(searches) - i))
         model, loss, optimizer = trainable(ctx, row["recipe"], row["side"])
         row.update(largest_batch(loss, optimizer, model, row["recipe"], row["batch"], row["max_seq_length"], seconds))
         del model, loss, optimizer
         release_memory(ctx.device)
-    return {"rows": rows}
+        ctx.save(result)
+    return result
+
+
+def recipe_checks(ctx: Context, name: str, rows: list[dict]) -> list[dict]:
+    """At the recipe's batch with every text at max length: ours runs without running out of memory, and takes
+    at most STEP_RATIO of sentence-transformers' step time and MEMORY_RATIO of its peak memory. Under
+    --inject-fault ours counts as out of memory and 100x slower and larger. The ratios are measured on a CPU too,
+    but mean nothing there (fp32, a toy model; no GPU memory to read)."""
+    batch, length = ctx.sizes.recipes[name]
+    found = {r["side"]: r for r in rows if r["recipe"] == name and r["lengths"] == "worst"}
+    ours, theirs = found.get("ours", {}), found.get("st", {})
+    gpu = ctx.device == "cuda"
+    checks = [compare(f"{name} ours at batch {batch} x {length}: no out-of-memory",
+                      "median_step_ms" in ours and not ctx.fault, "==", True)]  # fmt: skip
+    thresholds = (("median_step_ms", STEP_RATIO, "step time"), ("peak_memory_gb", MEMORY_RATIO, "peak memory"))
+    for key, limit, what in thresholds:
+        ratio = None
+        if ours.get(key) is not None and theirs.get(key):
+            ratio = round(ours[key] * (100 if ctx.fault else 1) / theirs[key], 3)
+        why = "fp32 on a CPU at toy sizes" if key == "median_step_ms" else "no GPU memory to read on a CPU"
+        checks.append(compare(f"{name} {what} ours / sentence-transformers at {batch} x {length}", ratio, "<=",
+                              limit, applies=gpu, why_not=why))  # fmt: skip
+    return checks
 
 
 def release_memory(device: str) -> None:

@@ -18,6 +18,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -291,9 +292,19 @@ def file_lock(path):
     lock = FileLock(path)
     try:
         lock.acquire()
-    except OSError:  # a read-only folder: nothing will be written there either, so no lock is needed
-        yield
-        return
+    except OSError:
+        # A read-only folder: still one process at a time (each would walk the CE pickle, gigabytes, at once),
+        # through a lock file in the temporary folder, named after the path, that every local process shares.
+        fallback = Path(tempfile.gettempdir()) / f"splade-lock-{zlib.crc32(str(Path(path).resolve()).encode()):08x}"
+        lock = FileLock(fallback)
+        try:
+            lock.acquire()
+        except OSError as error:
+            warnings.warn(
+                f"cannot lock {path} nor {fallback} ({error}): several processes may read it at once", stacklevel=3
+            )
+            yield
+            return
     try:
         yield
     finally:

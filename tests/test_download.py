@@ -119,7 +119,11 @@ def test_download_train_then_mine(server, hub, tmp_path, monkeypatch):
         src / CE
     ).read_bytes()
     # huggingface_hub keeps its metadata in data_dir/.cache; .npz and .lock files are mining's cache and locks
-    names = [p.name for p in data_dir.iterdir() if not p.name.endswith((".npz", ".lock")) and p.name != ".cache"]
+    names = [
+        p.name
+        for p in data_dir.iterdir()
+        if not p.name.endswith((".npz", ".lock")) and p.name not in (".cache", "mined-cache")
+    ]
     assert sorted(names) == sorted(
         [
             "collection.tar.gz",
@@ -188,6 +192,25 @@ def test_file_lock_makes_a_second_process_wait(tmp_path):
     assert child.stdout.readline().strip() == "held"
     start = time.monotonic()
     with download.file_lock(tmp_path / "x.lock"):
+        waited = time.monotonic() - start
+    child.wait()
+    assert waited > 0.5
+
+
+def test_file_lock_where_no_lock_file_can_be_made_still_makes_a_second_process_wait(tmp_path):
+    """A read-only data folder (here: a lock path under a plain file, which fails for root too): the lock moves to
+    the temporary folder instead of vanishing."""
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "a-file" / "x.lock"
+    code = (
+        "import sys, time\nfrom data.download import file_lock\n"
+        "with file_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(1.0)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(SAMPLE.parents[1]))
+    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, env=env, text=True)
+    assert child.stdout.readline().strip() == "held"
+    start = time.monotonic()
+    with download.file_lock(path):
         waited = time.monotonic() - start
     child.wait()
     assert waited > 0.5

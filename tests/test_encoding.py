@@ -52,6 +52,19 @@ def test_document_vectors_are_cached_and_keyed_by_max_seq_length(splade_tiny_pat
     assert not encoding.document_vectors(corpus, model, *args, show_progress=False).cached
 
 
+def test_a_model_that_cannot_load_is_a_user_error_but_a_type_error_keeps_its_traceback(tmp_path, monkeypatch):
+    with pytest.raises(encoding.ModelError, match="no-such-folder"):
+        encoding.load_model(tmp_path / "no-such-folder")
+    import splade_module
+
+    def buggy(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(splade_module, "load_splade", buggy)
+    with pytest.raises(TypeError, match="a bug"):  # not a ModelError: errors.UserError would hide the traceback
+        encoding.load_model(tmp_path)
+
+
 def test_each_rank_reads_only_the_texts_it_encodes(splade_tiny_path, tmp_path, monkeypatch):
     corpus = tmp_path / "collection.tsv"
     texts = cisi_texts(10)

@@ -5,10 +5,14 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
+import torch
 
+import training
 from conftest import ROOT
+from gloo import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +45,40 @@ def test_all_zero_vectors_stop_the_run_and_name_the_flops_regulariser(tmp_path):
     assert "the FLOPS regulariser has killed every activation" in stderr
     step = int(re.search(r"training stopped at step (\d+)", stderr).group(1))
     assert step < 200
+    assert step >= 3  # 3 logging steps in a row (logs at steps 1, 2, 3, ...): checkpoint-2 exists by then
     checkpoint = re.search(r"Last checkpoint: (\S+);", stderr).group(1)  # saving comes after logging in a step
-    if step > 2:
-        assert checkpoint.endswith(f"checkpoint-{2 * ((step - 1) // 2)}") and os.path.isdir(checkpoint)
+    assert checkpoint.endswith(f"checkpoint-{2 * ((step - 1) // 2)}") and os.path.isdir(checkpoint)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+# Rank 1's losses; rank 0's are always finite. With --max_skipped_steps 2, the fifth is the third non-finite in a row.
+RANK1_LOSSES = [float("nan"), 1.0, float("inf"), float("nan"), float("nan"), 1.0]
+
+
+def _decisions(rank, world, fp16, output_dir):
+    """What one rank's guard decides at each step: 'ok', 'skip' (GradScaler skips it) or the stop message."""
+    trainer = training.SpladeTrainer.__new__(training.SpladeTrainer)
+    trainer.args = types.SimpleNamespace(fp16=fp16, output_dir=output_dir)
+    trainer.max_skipped_steps, trainer.skipped_steps, trainer.last_terms = 2, 0, {}
+    decisions = []
+    for step, value in enumerate(RANK1_LOSSES):
+        trainer.state = types.SimpleNamespace(global_step=step)
+        try:
+            trainer.check_finite(torch.tensor(value if rank == 1 else 2.0))
+            decisions.append("skip" if trainer.skipped_steps else "ok")
+        except training.TrainingStopped as stopped:
+            decisions.append(str(stopped).splitlines()[0])
+            break
+    return decisions
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_every_rank_takes_the_same_decision_and_fp16_skips_until_it_persists(tmp_path, fp16):
+    """2 gloo processes, only rank 1's loss is not finite: both ranks skip (fp16) or stop (bf16/fp32) together."""
+    rank0, rank1 = run_ranks(_decisions, fp16, str(tmp_path))
+    assert rank0 == rank1
+    if fp16:
+        stop = "training stopped at step 4: the loss has not been finite for 3 steps in a row under fp16 loss scaling"
+        assert rank0 == ["skip", "ok", "skip", "skip", f"{stop} (--max_skipped_steps 2)."]
+    else:
+        assert rank0 == ["training stopped at step 0: the loss is not finite (on at least one rank)."]

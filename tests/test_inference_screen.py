@@ -4,12 +4,14 @@ References: the plain fp32 path (max_logits_unpadded), the naive formula, float6
 SparseEncoder on the real splade-tiny checkpoint."""
 
 import json
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from sentence_transformers import SparseEncoder
 
+import bf16_screen as screen_module
 import splade_head
 import splade_module
 from bf16_screen import bf16_logit_slack, bf16_screen, max_logits_screened
@@ -144,20 +146,41 @@ def test_splade_tiny_screened_equals_fp32_and_sentence_transformers(splade_tiny_
     assert_same_vectors(got, theirs.float())
 
 
-def test_auto_mode_follows_the_hardware_and_autocast(monkeypatch, splade_tiny_path):
-    """ "auto" screens only where bf16 matmul is native, never under autocast, and the flag is not saved."""
+@pytest.mark.parametrize("slower", ["screened", "plain"])
+def test_auto_mode_screens_where_measured_faster_never_under_autocast(monkeypatch, splade_tiny_path, slower):
+    """ "auto": nothing where bf16 is emulated; where it is native, both paths timed on the first 3 batches and the
+    faster one kept (here made slower by a sleep); never under autocast; the choice is not saved."""
     model = load_splade(splade_tiny_path, max_seq_length=32)
     module = model[0]
-    calls = []
-    monkeypatch.setattr(splade_module, "max_logits_screened", lambda *a: calls.append(1) or max_logits_unpadded(*a[:4]))
+    calls = {"screened": 0, "plain": 0}
+
+    def counted(name, work):
+        def run(*args):
+            calls[name] += 1
+            time.sleep(0.2 if name == slower else 0)
+            return work(*args)
+
+        return run
+
+    monkeypatch.setattr(screen_module, "_screen_timings", {})
+    monkeypatch.setattr(splade_module, "max_logits_screened", counted("screened", max_logits_screened))
+    monkeypatch.setattr(splade_module, "max_logits_unpadded", counted("plain", max_logits_unpadded))
     features = module.preprocess(["flow over a flat plate"])
-    for native in (False, True):
-        monkeypatch.setattr(splade_module, "bf16_matmul_is_native", lambda device, native=native: native)
-        with torch.inference_mode():
+    with torch.inference_mode():
+        monkeypatch.setattr(splade_module, "bf16_matmul_is_native", lambda device: False)
+        module(dict(features))
+        assert calls == {"screened": 0, "plain": 1}
+        monkeypatch.setattr(splade_module, "bf16_matmul_is_native", lambda device: True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             module(dict(features))
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                module(dict(features))
-    assert calls == [1]
+        assert calls == {"screened": 0, "plain": 2}
+        for _ in range(3):  # timed: both paths
+            module(dict(features))
+        assert calls == {"screened": 3, "plain": 5}
+        for _ in range(2):  # decided
+            module(dict(features))
+    faster = "plain" if slower == "screened" else "screened"
+    assert calls[faster] == {"screened": 5, "plain": 7}[faster] and calls[slower] == {"screened": 3, "plain": 5}[slower]
     assert "screen_bf16" not in module.get_config_dict()
 
 

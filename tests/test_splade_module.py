@@ -1,10 +1,12 @@
 """SpladeMax against sentence-transformers' SparseEncoder, the naive formula, and its own saved copies."""
 
+import collections
 import json
 
 import pytest
 import torch
 from sentence_transformers import SparseEncoder
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertModel
 
@@ -148,15 +150,39 @@ def test_inference_path_skips_padding_and_equals_naive_formula(monkeypatch, rows
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
-def test_lean_head_bf16_within_rounding():
-    inputs = random_head_inputs(4, 20, hidden=32, vocab=64, dtype=torch.bfloat16)
-    upstream = torch.rand(4, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
-    expected = values_and_grads(naive, *inputs, upstream)  # the same formula, autograd in bf16
-    got = values_and_grads(SpladeMaxHead.apply, *inputs, upstream)
-    for g, e in zip(got, expected):
-        assert g.dtype == torch.bfloat16
-        # bf16 keeps 8 bits of mantissa; our backward accumulates in fp32, autograd's in bf16.
-        torch.testing.assert_close(g.float(), e.float(), atol=2e-2 * e.float().abs().max().item(), rtol=2e-2)
+def test_lean_head_under_bf16_autocast_with_fp32_weights_equals_the_formula():
+    """The GPU training path on CPU: fp32 weights and hidden states, bf16 autocast. The reference is the formula in
+    float64 on what autocast hands the projection (the bf16-rounded inputs), its logits rounded to bf16 as the
+    projection's output is, ties broken by the first token: values to 1 bf16 unit, gradients to fp32 rounding, so
+    a gradient sent to another token, a missing bias or a wrong coefficient fails."""
+    hidden_states, mask, weight, bias = random_head_inputs(6, 20, hidden=32, vocab=64, seed=5)
+    upstream = torch.rand(6, 64, generator=torch.Generator().manual_seed(2))
+    leaves = [t.clone().requires_grad_() for t in (hidden_states, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward only, as the trainer does
+        out = SpladeMaxHead.apply(leaves[0], mask, leaves[1], leaves[2])
+    (out * upstream).sum().backward()
+    got = [out.detach()] + [leaf.grad for leaf in leaves]
+    assert [t.dtype for t in got[1:]] == [torch.float32] * 3  # the weights' and hidden states' dtype
+    h, w, b = (t.bfloat16().double() for t in (hidden_states, weight, bias))
+    logits = (h @ w.T + b).bfloat16().double().masked_fill(mask[:, :, None] == 0, float("-inf"))
+    best, token = logits.max(dim=1)
+    assert torch.equal(token, logits.argmax(dim=1))  # first token on ties
+    values = torch.log1p(torch.relu(best))
+    torch.testing.assert_close(got[0].double(), values, rtol=2**-7, atol=1e-12)
+    coef = torch.where(best > 0, upstream.double() / (1 + best.clamp(min=0)), 0.0)
+    chosen = (torch.arange(20)[None, :, None] == token[:, None, :]).double()  # texts x tokens x vocabulary
+    expected = [
+        torch.einsum("blv,bv,vh->blh", chosen, coef, w),
+        torch.einsum("blv,bv,blh->vh", chosen, coef, h),
+        coef.sum(0),
+    ]
+    scale = [
+        torch.einsum("blv,bv,vh->blh", chosen, coef.abs(), w.abs()),
+        torch.einsum("blv,bv,blh->vh", chosen, coef.abs(), h.abs()),
+        coef.abs().sum(0),
+    ]
+    for name, g, e, s in zip(("hidden", "weight", "bias"), got[1:], expected, scale):
+        assert ((g.double() - e).abs() <= 1e-5 * s + 1e-9).all(), name
 
 
 @pytest.mark.parametrize("lean_head", [True, False])
@@ -221,3 +247,42 @@ def test_model_without_mlm_head_is_refused(tmp_path, splade_tiny_path):
 def test_texts_must_be_strings(model):
     with pytest.raises(TypeError, match="input 1 is a int"):
         model[0].preprocess(["fine", 42])
+
+
+# aten operations that make the host wait for the device: a result's size depends on values, or a value is read.
+SYNC_OPS = {"nonzero", "_local_scalar_dense", "masked_select", "repeat_interleave", "unique", "_unique2"}
+
+
+class CountHostSyncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        indices = args[1] if name in ("index", "index_put", "index_put_") else ()
+        if name in SYNC_OPS or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+            self.count[name] += 1  # boolean indexing runs a nonzero inside
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_lean_head_host_syncs_do_not_grow_with_the_batch(monkeypatch, sparse):
+    """Forward and backward of SpladeMaxHead: the operations that make the host wait for the GPU, counted on CPU
+    (aten ops whose output size depends on values, and tolist/item), are the same few for 4 texts and for 48."""
+    counts = []
+    for batch in (4, 48):
+        hidden_states, mask, weight, bias = random_head_inputs(batch, 20, hidden=32, vocab=64, seed=5)
+        leaves = [t.clone().requires_grad_() for t in (hidden_states, weight, bias - (4.0 if sparse else 0.0))]
+        reads = collections.Counter()
+        for method in ("tolist", "item"):
+            original = getattr(torch.Tensor, method)
+            counted = lambda self, *a, _m=method, _o=original, _r=reads: _r.update([_m]) or _o(self, *a)
+            monkeypatch.setattr(torch.Tensor, method, counted)
+        with CountHostSyncs() as syncs:
+            out = SpladeMaxHead.apply(leaves[0], mask, leaves[1], leaves[2])
+            out.sum().backward()
+        monkeypatch.undo()
+        counts.append(syncs.count + reads)
+    assert counts[0] == counts[1]
+    assert sum(counts[0].values()) <= 6, counts[0]
