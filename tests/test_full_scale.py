@@ -75,7 +75,10 @@ def test_tiny_run_writes_real_formats_and_every_key(tmp_path):
     keys += " single_peak_pss_mb index_build_s index_peak_rss_mb search_ms_per_query dev_eval_s commit"
     assert set(keys.split()) <= result.keys()
     for key in ("data_first_run_s", "data_first_run_peak_rss_mb", "data_cached_s", "data_cached_peak_rss_mb"):
-        assert set(result[key]) == {"train_max", "train_distill"} and min(result[key].values()) > 0
+        assert set(result[key]) == {"train_max", "train_distill"}
+        assert (
+            min(result[key].values()) > 0 if key.endswith("_mb") else min(result[key].values()) >= 0
+        )  # a mapped cache: 0.0 s
     assert result["ranks"] == 2 and result["ranks_peak_pss_mb"] > result["single_peak_pss_mb"] > 0
     assert set(result["search_ms_per_query"]) == {"1.1", "3.8"}
     assert all(set(ms) == {"1", "2"} for ms in result["search_ms_per_query"].values())
@@ -96,7 +99,8 @@ def test_tiny_run_writes_real_formats_and_every_key(tmp_path):
     for _, qid, pos, neg in lines[:50]:
         assert sorted(ce.row(qid)) == sorted(set(pos).union(*neg.values()))
     assert len(ce) == sum(len(set(pos).union(*neg.values())) for _, _, pos, neg in lines)
-    assert len(ce) / len(lines) == pytest.approx(197.6, abs=2)  # ~160M scores at scale 1, as the real file
+    # ~160M scores at scale 1 (197.6 a query), as the real file; a tiny collection makes the pool repeat a few ids
+    assert len(ce) / len(lines) == pytest.approx(197.6, abs=6)
     with gzip.open(d / CE_SCORES_FILE) as f:
         assert f.read(2) == b"\x80\x04"  # protocol 4, as pickle.dump writes it
     dev = read_query_texts(d / "queries.dev.small.tsv")
