@@ -41,9 +41,10 @@ WORDS = (
 ).split()
 
 
-def write_collection(path, n, rng):
-    # Passages of ~330 characters (MS MARCO's mean), drawn from a pool of sentences for speed.
-    sentences = [" ".join(rng.choice(WORDS, size=rng.integers(8, 14))) + "." for _ in range(20_000)]
+def write_collection(path, n, rng, words=(8, 14)):
+    # Passages of five sentences of `words` words (the default gives ~290 characters; (10, 15) MS MARCO's ~335),
+    # drawn from a pool of sentences for speed.
+    sentences = [" ".join(rng.choice(WORDS, size=rng.integers(*words))) + "." for _ in range(20_000)]
     with open(path, "w") as f:
         for start in tqdm(range(0, n, 100_000), desc="collection.tsv"):
             picks = rng.integers(0, len(sentences), size=(min(100_000, n - start), 5))
