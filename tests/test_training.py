@@ -230,7 +230,11 @@ def test_train_distill_fine_tunes_splade_tiny_and_lowers_the_loss(tmp_path, spla
     before, after = margin_mse(load_splade(splade_tiny_path, 32)), margin_mse(load_splade(str(tmp_path)))
     assert after < 0.9 * before
     initial, final = load_file(f"{splade_tiny_path}/model.safetensors"), load_file(tmp_path / "model.safetensors")
-    assert all(not torch.equal(initial[name], final[name]) for name in final if name in initial)
+    # A key bias adds q.b to every score of a query's row, which the softmax cancels: its gradient is zero up to
+    # rounding, and the original's AdamW (eps before the bias correction, no decay on biases) leaves it in place.
+    trained = [name for name in final if name in initial and not name.endswith("attention.self.key.bias")]
+    unchanged = [name for name in trained if torch.equal(initial[name], final[name])]
+    assert not unchanged, f"parameters that training did not move: {unchanged}"
 
 
 @pytest.fixture(scope="module")
