@@ -13,7 +13,8 @@ The lambda warm-up follows `loss.step`, which the trainer sets to its optimizer 
 
 Under autocast, the scores, margins and FLOPS are computed in fp32 from fp32 embeddings (the original's were fp16
 under its fp16 autocast). Under torchrun, every rank's queries and documents are all-gathered once per step, for the
-scores and the FLOPS together.
+scores and the FLOPS together; in the last global batch of an epoch the ranks may hold unequal shares, and each
+rank's mean is weighted so that DDP's average of the gradients is the mean over the global batch.
 """
 
 from __future__ import annotations
@@ -40,14 +41,34 @@ def warmed_up(value: float, step: int, warmup_steps: int) -> float:
     return value * min(1.0, step / warmup_steps) ** 2
 
 
-def gather_across_ranks(*groups: torch.Tensor) -> list[torch.Tensor]:
-    """Each group's rows from all ranks, rank after rank, keeping this rank's gradient path (torchrun/DDP), in one
-    all-gather for all groups; the groups themselves on one process. Every rank passes groups of the same shapes."""
+def rows_per_rank(local_rows: int, device: torch.device) -> list[int]:
+    """Every rank's batch size, rank after rank: they differ in the last global batch of an epoch, which
+    data.rotation spreads over the ranks so that no query is trained twice. [local_rows] on one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [local_rows]
+    everyone = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, torch.tensor([local_rows], dtype=torch.int64, device=device))
+    return torch.cat(everyone).tolist()
+
+
+def gather_across_ranks(*groups: torch.Tensor, rows: list[int]) -> list[torch.Tensor]:
+    """Each group's rows from all ranks, rank after rank, keeping this rank's gradient path (torchrun/DDP), in one
+    all-gather for all groups; the groups themselves on one process. On rank r every group has rows[r] rows."""
+    if len(rows) == 1:
         return list(groups)
-    sizes = [len(group) for group in groups]
-    everyone = torch.distributed.nn.functional.all_gather(torch.cat(groups))
-    return [torch.cat(parts) for parts in zip(*(rank.split(sizes) for rank in everyone))]
+    local = torch.cat(groups)
+    widest = max(rows) * len(groups)
+    if len(local) < widest:  # all_gather needs one shape: pad, then cut each rank's padding off
+        local = F.pad(local, (0, 0, 0, widest - len(local)))
+    everyone = torch.distributed.nn.functional.all_gather(local)
+    parts = [rank_rows[: n * len(groups)].split(n) for rank_rows, n in zip(everyone, rows)]
+    return [torch.cat(group) for group in zip(*parts)]
+
+
+def share_of_global_batch(rows: list[int]) -> float:
+    """DDP averages the ranks' gradients: a rank's mean over its rows, times this, makes that average the mean over
+    the global batch's rows also when the ranks hold unequal shares (1.0 when they are equal)."""
+    return len(rows) * rows[_rank()] / sum(rows)
 
 
 @contextmanager
@@ -127,12 +148,13 @@ class MultipleNegativesRankingLossSplade(_SpladeLoss):
     def forward(self, sentence_features, labels=None) -> dict[str, torch.Tensor]:
         queries, *documents = self.embed(sentence_features)
         with fp32_arithmetic(queries.device):
-            all_queries, *all_documents = gather_across_ranks(queries, *documents)
+            rows = rows_per_rank(len(queries), queries.device)
+            all_queries, *all_documents = gather_across_ranks(queries, *documents, rows=rows)
             candidates = torch.cat(all_documents)
             scores = queries @ candidates.T
-            positives_before_this_rank = _rank() * len(queries)
+            positives_before_this_rank = sum(rows[: _rank()])
             targets = torch.arange(len(queries), device=scores.device) + positives_before_this_rank
-            ranking = F.cross_entropy(scores, targets)
+            ranking = F.cross_entropy(scores, targets) * share_of_global_batch(rows)
             self.record(ranking_loss=ranking)
             return {"ranking_loss": ranking, **self.regularise(all_queries, candidates)}
 
@@ -148,6 +170,7 @@ class MarginMSELossSplade(_SpladeLoss):
         queries, positives, negatives = self.embed(sentence_features)
         with fp32_arithmetic(queries.device):
             margins = (queries * positives).sum(dim=1) - (queries * negatives).sum(dim=1)
-            mse = F.mse_loss(margins, labels.to(margins.dtype))
+            rows = rows_per_rank(len(queries), queries.device)
+            mse = F.mse_loss(margins, labels.to(margins.dtype)) * share_of_global_batch(rows)
             self.record(mse_loss=mse)
-            return {"mse_loss": mse, **self.regularise(*gather_across_ranks(queries, positives, negatives))}
+            return {"mse_loss": mse, **self.regularise(*gather_across_ranks(queries, positives, negatives, rows=rows))}

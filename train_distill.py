@@ -82,6 +82,7 @@ def main():
         per_device_train_batch_size=args.train_batch_size,
         batch_sampler=EpochRotationBatchSampler,
         dataloader_drop_last=True,  # as the original's train_distill
+        accelerator_config={"even_batches": False},  # torchrun: no query twice per epoch (data/rotation.py)
         dataloader_num_workers=args.dataloader_num_workers,
         seed=args.seed,
         # weight decay 0.01, except for the names the trainer's no_decay lists below (as fit() grouped them)

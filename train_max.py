@@ -82,6 +82,7 @@ def main():
         per_device_train_batch_size=args.train_batch_size,
         batch_sampler=EpochRotationBatchSampler,
         dataloader_drop_last=False,  # train_max kept the last, smaller batch
+        accelerator_config={"even_batches": False},  # torchrun: no query twice per epoch (data/rotation.py)
         dataloader_num_workers=args.dataloader_num_workers,
         seed=args.seed,
         # weight decay 0.01, except for the names the trainer's no_decay lists below (as fit() grouped them)
@@ -104,6 +105,9 @@ def main():
         logging_first_step=True,
         report_to=["tensorboard"],
     )
+    # sentence-transformers turns drop_last on under torchrun (against uneven last batches, which hang DDP): that
+    # would leave up to N x batch_size queries out of every epoch. The rotation sampler evens the ranks' steps itself.
+    training_args.dataloader_drop_last = False
 
     # 6. Trainer: sentence-transformers' own, plus the lambda warm-up, the extra logs and the guards
     trainer = training.SpladeTrainer(

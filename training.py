@@ -306,6 +306,11 @@ class SpladeTrainer(SparseEncoderTrainer):
         self.last_terms: dict[str, torch.Tensor] = {}
         # The card's training-set size: sentence-transformers counted the rotation's epochs x queries virtual rows.
         queries = getattr(self.train_dataset, "rotation_queries_per_epoch", None)
+        if queries and self.accelerator.num_processes > 1 and self.accelerator.even_batches:
+            raise ValueError(
+                "accelerate's even_batches would train the first queries of every epoch twice under torchrun: "
+                "pass accelerator_config={'even_batches': False} (data/rotation.py spreads the last batch itself)"
+            )
         card = self.model.model_card_data
         if queries:
             for info in card.train_datasets:

@@ -11,17 +11,20 @@ sentence-transformers >= 3 trains from a fixed `datasets.Dataset`, which would f
   epoch, yields in epoch e the rows e*N + perm_e, perm_e a permutation of range(N) seeded by (seed, e).
 
 Everything is a pure function of (seed, epoch, index): data-loader workers, several GPUs (accelerate
-shards the batches of one sampler) and resuming mid-epoch all see the same examples.
+shards the batches of one sampler) and resuming mid-epoch all see the same examples. With N processes the
+sampler yields global batches of N batches and spreads the last one over the processes (batch_bounds), so that
+each query is visited once per epoch; accelerate's even_batches, which would pad it with the epoch's first rows,
+must be off.
 
 Trainer configuration:
-    args = SparseEncoderTrainingArguments(..., num_train_epochs=E, batch_sampler=EpochRotationBatchSampler)
+    args = SparseEncoderTrainingArguments(..., num_train_epochs=E, batch_sampler=EpochRotationBatchSampler,
+                                          accelerator_config={"even_batches": False})
     trainer = SparseEncoderTrainer(model, args, train_dataset=make_train_dataset(ts, E), loss=loss)
 """
 
-import math
-
 import datasets
 import numpy as np
+import torch.distributed as dist
 from sentence_transformers.base.sampler import DefaultBatchSampler
 
 from errors import UserError
@@ -86,6 +89,8 @@ class EpochRotationBatchSampler(DefaultBatchSampler):
         if self.queries_per_epoch is None:
             raise ValueError("EpochRotationBatchSampler needs the dataset made by data.rotation.make_train_dataset")
         self.num_epochs = len(dataset) // self.queries_per_epoch
+        processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.batch_bounds = batch_bounds(self.queries_per_epoch, batch_size, processes, drop_last)
         self.seed = 0 if seed is None else seed
         # The trainer reaches this sampler's set_epoch through accelerate's wrappers, except when several
         # processes resume mid-epoch (SkipBatchSampler around BatchSamplerShard); DataLoaderShard.set_epoch
@@ -93,8 +98,7 @@ class EpochRotationBatchSampler(DefaultBatchSampler):
         dataset.set_epoch = self.set_epoch
 
     def __len__(self):
-        n, b = self.queries_per_epoch, self.batch_size
-        return n // b if self.drop_last else math.ceil(n / b)
+        return len(self.batch_bounds)
 
     def __iter__(self):
         if self.epoch >= self.num_epochs:
@@ -104,5 +108,32 @@ class EpochRotationBatchSampler(DefaultBatchSampler):
             )
         n = self.queries_per_epoch
         rows = np.random.default_rng([self.seed % 2**63, self.epoch]).permutation(n) + self.epoch * n
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield rows[start : start + self.batch_size].tolist()
+        for start, end in self.batch_bounds:
+            yield rows[start:end].tolist()
+
+
+def batch_bounds(queries: int, batch_size: int, processes: int, drop_last: bool) -> list[tuple[int, int]]:
+    """(start, end) of each batch in an epoch's order, in global batches of `processes` batches (accelerate hands
+    batch k to process k mod processes). Full batches, then, unless drop_last, the rest spread over the processes
+    (sizes differing by at most one; with fewer rows left than processes, the last full global batch is spread
+    with them), so that every query is visited exactly once. One process: the last batch is the smaller one.
+    drop_last: the rows that do not fill a global batch are not visited in this epoch (one process: the
+    original's drop_last, fewer than batch_size rows; N processes: fewer than N x batch_size).
+    accelerate's even_batches would instead fill the last global batch with rows from the start of the epoch,
+    training those queries twice, and sentence-transformers forces drop_last under DDP: train_max turns both off."""
+    per_global = processes * batch_size
+    full, left = divmod(queries, per_global)
+    bounds = [(start, start + batch_size) for start in range(0, full * per_global, batch_size)]
+    if drop_last or left == 0:
+        return bounds
+    if left < processes:
+        if full == 0:
+            raise RotationError(f"{queries} training queries for {processes} processes: each needs at least one")
+        del bounds[-processes:]
+        left += per_global
+    start = queries - left
+    for process in range(processes):
+        size = left // processes + (process < left % processes)
+        bounds.append((start, start + size))
+        start += size
+    return bounds

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -93,3 +94,42 @@ def test_data_loader_workers_under_spawn(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     state = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())
     assert [entry["step"] for entry in state["log_history"] if "ranking_loss" in entry] == [1, 2, 3]
+
+
+ROWS_WORKER = """
+import collections, json, os, sys
+sys.path.insert(0, {root!r})
+from sentence_transformers.sparse_encoder import data_collator
+import train_max
+
+collate = data_collator.SparseEncoderDataCollator.__call__
+seen = collections.Counter()
+def recording(self, features):  # what the loss of this rank trains on
+    seen.update(f["query"] for f in features)
+    return collate(self, features)
+data_collator.SparseEncoderDataCollator.__call__ = recording
+trainer = train_max.main()
+training_set = trainer.train_dataset.format["format_kwargs"]["transform"].ts
+everyone = [training_set.queries.text(i) for i in range(len(training_set))]
+rank = os.environ.get("RANK", "0")
+json.dump(dict(seen=seen, everyone=everyone), open(os.path.join({out!r}, f"queries-{{rank}}.json"), "w"))
+"""
+
+
+def test_two_processes_train_each_query_once_per_epoch(tmp_path, splade_tiny_path):
+    """torchrun, 2 processes, batches of 16, one epoch of the sample (a query count that 32 does not divide): every
+    training query reaches a loss exactly once; accelerate's even_batches would train the epoch's first ones twice."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(ROWS_WORKER.format(root=str(ROOT), out=str(tmp_path)))
+    flags = "--sample --max_seq_length 16 --epochs 1 --train_batch_size 16 --eval_steps 0 --logging_steps 10".split()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    command = [*torchrun, str(worker), *flags, "--model_name", splade_tiny_path, "--output_dir", str(tmp_path / "r")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"queries-{rank}.json").read_text()) for rank in (0, 1)]
+    everyone = ranks[0]["everyone"]
+    assert len(everyone) % 32 != 0  # the last global batch is a partial one
+    seen = Counter(ranks[0]["seen"]) + Counter(ranks[1]["seen"])
+    assert seen == Counter(everyone)
+    assert abs(sum(ranks[0]["seen"].values()) - sum(ranks[1]["seen"].values())) <= 1

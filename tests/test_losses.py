@@ -140,11 +140,13 @@ def _ranks_share(rank, world, groups, labels):
     return terms, grads, gathers
 
 
-def test_two_ranks_gather_once_per_step_and_equal_one_process():
+@pytest.mark.parametrize("batch", [8, 7])
+def test_two_ranks_gather_once_per_step_and_equal_one_process(batch):
     """Under torchrun each rank gathers its queries and documents once per step (scores and FLOPS share it); the
-    terms averaged over ranks, and each rank's gradients / world, equal one process on the whole batch."""
-    groups = random_groups(3, batch=8, vocab=50, seed=3)
-    labels = torch.randn(8, generator=torch.Generator().manual_seed(4))
+    terms averaged over ranks, and each rank's gradients / world, equal one process on the whole batch. Also with
+    unequal shares (7 rows: 4 and 3), as in the last global batch of an epoch (data.rotation.batch_bounds)."""
+    groups = random_groups(3, batch=batch, vocab=50, seed=3)
+    labels = torch.randn(batch, generator=torch.Generator().manual_seed(4))
     ranks = run_ranks(_ranks_share, groups, labels)
     single = [g.clone().requires_grad_() for g in groups]
     for name, loss, own_labels in (

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import passages_for, positives_of, write_files
 from data.mining import mine_distill_examples, mine_max_examples
-from data.rotation import EpochRotationBatchSampler, make_train_dataset
+from data.rotation import EpochRotationBatchSampler, RotationError, batch_bounds, make_train_dataset
 
 
 @pytest.fixture
@@ -149,6 +149,53 @@ def test_epoch_reaches_the_sampler_through_accelerate_wrappers(rotation_set):
     assert sampler.epoch == 3
     rows = [r for batch in resumed.batch_sampler for r in batch]
     assert all(30 <= r < 40 for r in rows)  # epoch 3's rows, this rank's share after the skipped batch
+
+
+def test_batch_bounds_visit_every_query_once_for_any_number_of_processes():
+    for processes in range(1, 5):
+        for batch_size in range(1, 6):
+            for queries in range(1, 41):
+                if queries < processes:
+                    with pytest.raises(RotationError, match="each needs at least one"):
+                        batch_bounds(queries, batch_size, processes, drop_last=False)
+                    continue
+                bounds = batch_bounds(queries, batch_size, processes, drop_last=False)
+                case = (queries, batch_size, processes)
+                assert [start for start, _ in bounds] == [0] + [end for _, end in bounds[:-1]], case  # contiguous
+                assert bounds[-1][1] == queries, case  # ... to the end: every query once
+                assert len(bounds) % processes == 0, case  # every process takes the same number of steps
+                for first in range(0, len(bounds), processes):  # one global batch: shares differ by at most one
+                    sizes = [end - start for start, end in bounds[first : first + processes]]
+                    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= (first + processes == len(bounds)), case
+                assert max(end - start for start, end in bounds) <= batch_size + 1, case
+                if processes == 1:  # one process: the original's batches, the last one smaller
+                    assert bounds == [(s, min(s + batch_size, queries)) for s in range(0, queries, batch_size)]
+                dropped = batch_bounds(queries, batch_size, processes, drop_last=True)
+                global_batches = queries // (processes * batch_size)
+                assert dropped == [
+                    (s, s + batch_size) for s in range(0, global_batches * processes * batch_size, batch_size)
+                ]
+
+
+def test_accelerate_without_even_batches_hands_each_process_its_share_once(rotation_set):
+    """accelerate's BatchSamplerShard as torchrun uses it: batch k to process k mod N. The sampler's global batches
+    without even_batches: each query once, the same number of steps everywhere (also when fewer rows than processes
+    are left: 10 queries, batches of 3, 3 processes). What it replaces, one process's batches with even_batches
+    (accelerate's default): the last global batch is padded with the epoch's first rows, trained twice."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    def shards(batch_size, processes, bounds_for, even_batches):
+        sampler = EpochRotationBatchSampler(make_train_dataset(rotation_set, 1), batch_size, drop_last=False, seed=5)
+        sampler.batch_bounds = batch_bounds(10, batch_size, bounds_for, drop_last=False)
+        return [list(BatchSamplerShard(sampler, processes, i, even_batches=even_batches)) for i in range(processes)]
+
+    for batch_size, processes in ((3, 2), (4, 2), (3, 3)):
+        ours = shards(batch_size, processes, bounds_for=processes, even_batches=False)
+        assert len({len(shard) for shard in ours}) == 1, (batch_size, processes)
+        assert sorted(row for shard in ours for batch in shard for row in batch) == list(range(10))
+        padded = shards(batch_size, processes, bounds_for=1, even_batches=True)
+        rows = [row for shard in padded for batch in shard for row in batch]
+        assert len(rows) > len(set(rows)) == 10, (batch_size, processes)
 
 
 def test_resuming_mid_epoch_replays_the_same_examples(rotation_set, splade_tiny_path, tmp_path):
