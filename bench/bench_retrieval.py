@@ -6,7 +6,8 @@ offset is chosen so the FLOPS statistic is about 3, in the range of trained SPLA
 MS MARCO (the results table has 1.1-5.4); the figure is printed.
 
   ours        retrieval.search: term-at-a-time over posting lists, a bounded heap per query,
-              queries spread over numba threads (reported with 1 thread and with all)
+              queries spread over numba threads (reported with 1 thread and with all); then
+              method='kernel' (exhaustive) against method='pruned' (MaxScore) on 1 thread
   scipy       the inverted index as a CSR matrix (terms x documents), scores = Q @ index for
               batches of queries, then np.argpartition + sort of the top 1000 per query
               (single-threaded, as scipy is)
@@ -16,6 +17,7 @@ within float32 rounding). Usage (from the repository root):
 
   python bench/bench_retrieval.py                         # 1M documents, 500 queries
   python bench/bench_retrieval.py --docs 200000 --queries 200
+  python bench/bench_retrieval.py --queries 200 --scipy_queries 0     # exhaustive vs pruned, k=10 and 1000
   # MS MARCO scale (8.8M passages, ~10 GB of RAM, ~10 GB of disk for the shards): build time, peak RAM, latency
   flock /tmp/bigmem.lock python bench/bench_retrieval.py --docs 8841823 --queries 200 --doc_terms 110 150 \
       --query_terms 32 32 --shards_dir /tmp/shards
@@ -86,19 +88,54 @@ def write_shards(rows: int, low: int, high: int, p: np.ndarray, directory: Path,
     return paths
 
 
-def latencies_ms(index, queries, k: int, n_threads: int) -> tuple[float, float, float]:
+def latencies_ms(index, queries, k: int, n_threads: int, method: str = "kernel") -> tuple[float, float, float]:
     """p50 and p99 of one-query calls, and ms/query of one call over all queries, with n numba threads.
     A query is scored by one thread: threads add throughput over a batch, not speed to a single query."""
     numba.set_num_threads(n_threads)
     single = []
     for q in range(queries.shape[0]):
         started = time.perf_counter()
-        retrieval.search(index, queries[q], k=k, method="kernel")
+        retrieval.search(index, queries[q], k=k, method=method)
         single.append((time.perf_counter() - started) * 1e3)
     started = time.perf_counter()
-    retrieval.search(index, queries, k=k, method="kernel")
+    retrieval.search(index, queries, k=k, method=method)
     batch = (time.perf_counter() - started) / queries.shape[0] * 1e3
     return float(np.percentile(single, 50)), float(np.percentile(single, 99)), batch
+
+
+def compare_pruned(index, queries, ks) -> None:
+    """Exhaustive ('kernel') against MaxScore ('pruned') on 1 numba thread, each k measured back to back
+    in this run; the two must return the same hits and score bits."""
+    started = time.perf_counter()
+    retrieval.search(index, queries[:2], k=10, method="pruned")  # compiles; builds term_max and the high tier
+    tau, high_ptr, high_doc, high_weight = index.high_tier
+    extra = index.term_max.nbytes + tau.nbytes + high_ptr.nbytes + high_doc.nbytes + high_weight.nbytes
+    print(
+        f"pruned: first call (compile + per-index bounds) {time.perf_counter() - started:.1f} s; bounds and high "
+        f"tier {extra / 2**20:.0f} MiB ({extra / index.nbytes:.1%} of the index, {len(high_doc):,} postings)"
+    )
+    postings = index.posting_lengths()[queries.indices].sum() / queries.shape[0]
+    for k in ks:
+        exhaustive = retrieval.search(index, queries, k=k, method="kernel")
+        pruned = retrieval.search(index, queries, k=k, method="pruned")
+        same = (
+            np.array_equal(exhaustive.doc_index, pruned.doc_index)
+            and np.array_equal(exhaustive.scores.view(np.int32), pruned.scores.view(np.int32))
+            and np.array_equal(exhaustive.num_hits, pruned.num_hits)
+        )
+        added, lookups, candidates, rescored = pruned.stats.sum(axis=0) / queries.shape[0]
+        rows = {method: latencies_ms(index, queries, k, 1, method) for method in ("kernel", "pruned")}
+        for method, (p50, p99, batch) in rows.items():
+            print(
+                f"top-{k} {method:>6}, 1 thread: one query per call p50 {p50:.2f} ms, p99 {p99:.2f} ms; "
+                f"all queries in one call {batch:.2f} ms/query"
+            )
+        print(
+            f"top-{k} exhaustive / pruned: {rows['kernel'][0] / rows['pruned'][0]:.2f}x one query per call, "
+            f"{rows['kernel'][2] / rows['pruned'][2]:.2f}x batched; identical results: {same}; pruned added "
+            f"{added / postings:.1%} of {postings:,.0f} postings/query, {lookups:,.0f} look-ups, "
+            f"{candidates:,.0f} candidates, {rescored:,.0f} re-scored"
+        )
 
 
 def compare_with_scipy(docs, queries, result, k: int, n_queries: int) -> float:
@@ -131,6 +168,9 @@ def main():
     parser.add_argument("--scipy_queries", type=int, default=100, help="scipy is slow: time it on fewer; 0: skip")
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--offset", type=float, default=40.0, help="flattens the head of the term distribution")
+    parser.add_argument(
+        "--pruned_ks", type=int, nargs="*", default=(10, 1000), help="exhaustive vs pruned at these k; none: skip"
+    )
     parser.add_argument(
         "--shards_dir", type=Path, help="MS MARCO scale: write the documents as shards here, index from them, no scipy"
     )
@@ -169,6 +209,8 @@ def main():
             f"ours, {n_threads} thread(s): one query per call p50 {p50:.1f} ms, p99 {p99:.1f} ms; "
             f"all queries in one call {timings[n_threads]:.2f} ms/query"
         )
+    if args.pruned_ks:
+        compare_pruned(index, queries, args.pruned_ks)
     numba.set_num_threads(threads)
     if args.shards_dir or not args.scipy_queries:
         return

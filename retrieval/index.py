@@ -7,8 +7,10 @@
   DENSE_SEARCH_CELLS queries x documents over at most DENSE_MAX_DOCS documents, e.g. most BEIR sets or
   the in-training dev subset) score whole
   rows with scipy; larger ones use retrieval/kernel.py, a term-at-a-time numba kernel over cache-sized
-  blocks of documents with queries spread over threads, compiled (and numba imported) only then. Both
-  add in the same order and return identical results. Ties: score descending, then document id
+  blocks of documents with queries spread over threads, compiled (and numba imported) only then, by
+  default its MaxScore variant (method='pruned': skips documents that provably cannot reach the current
+  k-th best score, with per-term maxima and a high tier of each long posting list built once per
+  index). All add in the same order and return identical results. Ties: score descending, then document id
   descending in byte order, trec_eval's own order (see ``trec_tie_ranks``), so a run file re-scored by
   trec_eval / pytrec_eval ranks exactly as we did.
 """
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -53,6 +56,31 @@ class InvertedIndex:
     def posting_lengths(self) -> np.ndarray:
         """Number of documents in which each term is active (document frequency)."""
         return np.diff(self.term_ptr)
+
+    # Computed on first use and kept with the index (one pass over the postings, not one per search):
+    # they assume the arrays are not modified in place afterwards.
+    @cached_property
+    def term_max(self) -> np.ndarray:
+        """float32 (vocab_size,): each term's largest weight, 0 for a term in no document (the pruning
+        bound of search(method='pruned'); 4 bytes a term)."""
+        out = np.zeros(self.vocab_size, dtype=np.float32)
+        present = np.flatnonzero(np.diff(self.term_ptr) > 0)
+        if len(present):
+            out[present] = np.maximum.reduceat(self.weights, self.term_ptr[present])
+        return out
+
+    @cached_property
+    def high_tier(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(tau, high_ptr, high_doc, high_weight) of retrieval/kernel.py's build_high_tier: for each long
+        posting list, its weight quantile tau and a copy of its postings above it (search(method='pruned'))."""
+        from retrieval.kernel import HIGH_FRACTION, HIGH_MIN_POSTINGS, build_high_tier  # imports numba
+
+        return build_high_tier(self.term_ptr, self.doc_index, self.weights, HIGH_MIN_POSTINGS, HIGH_FRACTION)
+
+    @cached_property
+    def default_tie_ranks(self) -> np.ndarray:
+        """int32 0..num_docs-1: the tie ranks (and their inverse) when search() is given none."""
+        return np.arange(self.num_docs, dtype=np.int32)
 
 
 def _as_csr_float32(matrix, what: str) -> sp.csr_matrix:
@@ -148,6 +176,9 @@ class SearchResult:
     doc_index: np.ndarray  # int32 (num_queries, k), best first; -1 pads a query with fewer hits
     scores: np.ndarray  # float32 (num_queries, k)
     num_hits: np.ndarray  # int32 (num_queries,)
+    # method='pruned' only, int64 (num_queries, 4): postings added, non-essential look-ups, candidates
+    # looked up, survivors re-scored (the work pruning did; an exhaustive search adds every posting).
+    stats: np.ndarray | None = field(default=None, repr=False)
 
 
 def trec_tie_ranks(doc_ids: Sequence[str]) -> np.ndarray:
@@ -172,6 +203,9 @@ DENSE_SEARCH_CELLS = 100_000_000
 # ... and only over collections this small: a dense score row costs time in proportion to the collection
 # for every query, so one query over 1M documents took 70 ms densely against 15 ms in the kernel.
 DENSE_MAX_DOCS = 1 << 17
+# search()'s methods; 'auto' takes 'dense' for small searches, else AUTO_KERNEL.
+METHODS = ("auto", "dense", "kernel", "pruned")
+AUTO_KERNEL = "pruned"
 # Score rows per dense block: 2**22 cells of int64 keys = 32 MiB.
 DENSE_BLOCK_CELLS = 1 << 22
 
@@ -222,9 +256,13 @@ def search(
     evaluate.py passes ``trec_tie_ranks(doc_ids)``). ``exclude[q]``: a document number never
     returned for query q (BEIR's rule that a query does not retrieve itself), -1 for none.
     ``method``: 'dense' (scipy score rows), 'kernel' (the compiled inverted-index kernel of
-    retrieval/kernel.py) or 'auto': dense up to DENSE_SEARCH_CELLS queries x documents over at most
-    DENSE_MAX_DOCS documents. Both give
-    the same hits in the same order with the same scores."""
+    retrieval/kernel.py, exhaustive), 'pruned' (the same with MaxScore pruning; fills
+    ``SearchResult.stats``; the first call on an index builds ``term_max`` and ``high_tier``, one pass
+    over the postings, about HIGH_FRACTION of the long lists' postings in memory) or 'auto': dense up to
+    DENSE_SEARCH_CELLS queries x documents over at most DENSE_MAX_DOCS documents, else AUTO_KERNEL
+    ('pruned', measured faster by bench/bench_retrieval.py). All give the same hits in the same order
+    with the same scores. Setup independent of the queries (default tie ranks, bounds) is kept on the
+    index, so a one-query call pays no O(num_docs) setup unless it passes its own ``tie_ranks``."""
     queries = _as_csr_float32(query_vectors, "query vectors")
     if queries.shape[1] > index.vocab_size:
         raise ValueError(f"search: queries have {queries.shape[1]} columns, the index {index.vocab_size} terms")
@@ -234,24 +272,28 @@ def search(
     k = int(k)
     if k < 1:
         raise ValueError("search: k must be >= 1")
-    if method not in ("auto", "dense", "kernel"):
-        raise ValueError(f"search: method must be 'auto', 'dense' or 'kernel', not {method!r}")
-    if tie_ranks is None:
-        tie_ranks = np.arange(index.num_docs, dtype=np.int32)
+    if method not in METHODS:
+        raise ValueError(f"search: method must be one of {', '.join(map(repr, METHODS))}, not {method!r}")
     if exclude is None:
         exclude = np.full(num_queries, -1, dtype=np.int64)
-    tie_ranks = np.ascontiguousarray(tie_ranks, dtype=np.int32)
     exclude = np.ascontiguousarray(exclude, dtype=np.int64)
-    if len(tie_ranks) != index.num_docs or len(exclude) != num_queries:
-        raise ValueError("search: tie_ranks needs one entry per document, exclude one per query")
-    doc_of_rank = np.full(index.num_docs, -1, dtype=np.int32)
-    doc_of_rank[tie_ranks] = np.arange(index.num_docs, dtype=np.int32)
-    if (doc_of_rank < 0).any():
-        raise ValueError("search: tie_ranks must be a permutation of 0..num_docs-1")
+    if len(exclude) != num_queries:
+        raise ValueError("search: exclude needs one entry per query")
+    if tie_ranks is None:  # the identity, its own inverse: built once per index, not per call
+        tie_ranks = doc_of_rank = index.default_tie_ranks
+    else:
+        tie_ranks = np.ascontiguousarray(tie_ranks, dtype=np.int32)
+        if len(tie_ranks) != index.num_docs:
+            raise ValueError("search: tie_ranks needs one entry per document")
+        doc_of_rank = np.full(index.num_docs, -1, dtype=np.int32)
+        doc_of_rank[tie_ranks] = np.arange(index.num_docs, dtype=np.int32)
+        if (doc_of_rank < 0).any():
+            raise ValueError("search: tie_ranks must be a permutation of 0..num_docs-1")
 
     if method == "auto":
         small = index.num_docs <= DENSE_MAX_DOCS and num_queries * index.num_docs <= DENSE_SEARCH_CELLS
-        method = "dense" if small else "kernel"
+        method = "dense" if small else AUTO_KERNEL
+    stats = None
     with tqdm(total=num_queries, desc="search", unit="q", disable=not show_progress) as bar:
         if method == "dense":
             postings = sp.csr_matrix(
@@ -262,7 +304,17 @@ def search(
             from retrieval.kernel import search_with_kernel  # imports numba: only when needed
 
             found = search_with_kernel(
-                index, queries, k, tie_ranks, doc_of_rank, exclude, queries_per_call, block_docs, bar
+                index,
+                queries,
+                k,
+                tie_ranks,
+                doc_of_rank,
+                exclude,
+                queries_per_call,
+                block_docs,
+                bar,
+                pruned=method == "pruned",
             )
+            found, stats = found[:3], found[3]
     out_doc, out_score_bits, out_hits = found
-    return SearchResult(doc_index=out_doc, scores=out_score_bits.view(np.float32), num_hits=out_hits)
+    return SearchResult(doc_index=out_doc, scores=out_score_bits.view(np.float32), num_hits=out_hits, stats=stats)

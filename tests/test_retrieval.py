@@ -44,7 +44,8 @@ def collection():
     return docs, queries, doc_ids
 
 
-METHODS = ("dense", "kernel")  # search's two paths: scipy score rows, the compiled inverted-index kernel
+# search's paths: scipy score rows, the compiled inverted-index kernel, the same with MaxScore pruning
+METHODS = ("dense", "kernel", "pruned")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -88,13 +89,14 @@ def test_dense_and_kernel_paths_agree_bit_for_bit_with_ties_and_self_hits(collec
     index, ranks = build_index(docs), trec_tie_ranks(doc_ids)
     exclude = np.full(queries.shape[0], -1, dtype=np.int64)
     exclude[::2] = search(index, queries[::2], k=1, method="dense").doc_index[:, 0]  # a self hit to drop
-    dense, kernel = (
+    dense, *kernels = (
         search(index, queries, k=200, tie_ranks=ranks, exclude=exclude, method=method, block_docs=512)
         for method in METHODS
     )
-    np.testing.assert_array_equal(dense.num_hits, kernel.num_hits)
-    np.testing.assert_array_equal(dense.doc_index, kernel.doc_index)
-    np.testing.assert_array_equal(dense.scores.view(np.int32), kernel.scores.view(np.int32))
+    for kernel in kernels:
+        np.testing.assert_array_equal(dense.num_hits, kernel.num_hits)
+        np.testing.assert_array_equal(dense.doc_index, kernel.doc_index)
+        np.testing.assert_array_equal(dense.scores.view(np.int32), kernel.scores.view(np.int32))
     assert not (dense.doc_index[::2] == exclude[::2, None]).any()
     expected, _ = brute_force_top_k(queries, docs, 200, ranks, exclude)
     assert [dense.doc_index[q, : dense.num_hits[q]].tolist() for q in range(len(expected))] == expected
