@@ -41,22 +41,71 @@ def quantize(matrix: sp.csr_matrix) -> sp.csr_matrix:
     return q
 
 
-def vector_lines(matrix: sp.csr_matrix, tokens_json: np.ndarray, ids_json: list[str], key: str, extra: str, fmt):
-    """One JSON line per row: {key: id, extra..., "vector": {token: value}}; token strings pre-escaped."""
-    values = [fmt(v) for v in matrix.data.tolist()]
-    names = tokens_json[matrix.indices].tolist()
-    pairs = [f"{n}: {v}" for n, v in zip(names, values)]
-    ptr = matrix.indptr.tolist()
-    return [
-        f'{{"{key}": {ids_json[row]}{extra}, "vector": {{{", ".join(pairs[ptr[row] : ptr[row + 1]])}}}}}\n'
-        for row in range(matrix.shape[0])
-    ]
+# The lines are built as bytes by numpy, a posting per row of a byte matrix, instead of one Python string per
+# posting: ~10x faster, which is what makes an 8.8M-passage export minutes rather than an hour.
+
+
+def token_fields(vocab: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """'"token": ' of every token as a row of bytes (zero-padded) and its length."""
+    encoded = [(json.dumps(token) + ": ").encode() for token in vocab]
+    table = np.zeros((len(encoded), max(map(len, encoded))), dtype=np.uint8)
+    for row, field in enumerate(encoded):
+        table[row, : len(field)] = np.frombuffer(field, dtype=np.uint8)
+    return table, np.array([len(field) for field in encoded])
+
+
+def _digits(values: np.ndarray, width: int) -> np.ndarray:
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    return ((values[:, None] // powers) % 10 + ord("0")).astype(np.uint8)
+
+
+def int_fields(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positive integers in decimal: byte rows and a mask of the digits to keep (no leading zeros)."""
+    values = values.astype(np.int64)
+    width = len(str(int(values.max(initial=1))))
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    keep = values[:, None] >= powers
+    keep[:, -1] = True
+    return _digits(values, width), keep
+
+
+def float_fields(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positive float32 values as 9 significant digits and an exponent ('287835360e-09'): 9 digits read back to
+    the same float32, always (repr would give the float64 digits of the float32 value, 17 of them, 5x slower)."""
+    w = values.astype(np.float64)
+    if len(w) and not (w.min() > 0 and w.max() < 1e90):
+        raise ValueError("export: weights must be > 0 (zeros are dropped before)")
+    exponent = np.floor(np.log10(w)).astype(np.int64) - 8
+    mantissa = np.rint(w * 10.0**-exponent)
+    exponent += (mantissa >= 1e9).astype(np.int64) - (mantissa < 1e8)  # log10 is off by one next to a power of 10
+    mantissa = np.rint(w * 10.0**-exponent).astype(np.int64)
+    sign = np.where(exponent < 0, ord("-"), ord("+")).astype(np.uint8)[:, None]
+    e = np.full((len(w), 1), ord("e"), dtype=np.uint8)
+    fields = np.hstack([_digits(mantissa, 9), e, sign, _digits(np.abs(exponent), 2)])
+    return fields, np.ones(fields.shape, dtype=bool)
+
+
+def vector_lines(matrix: sp.csr_matrix, tokens, heads: list[bytes], values) -> list[bytes]:
+    """One JSON line per row: head + '"vector": {"token": value, ...}}\n'. tokens: token_fields(vocab);
+    values: int_fields or float_fields."""
+    table, lengths = tokens
+    names = table[matrix.indices]
+    name_keep = np.arange(table.shape[1]) < lengths[matrix.indices][:, None]
+    digits, digit_keep = values(matrix.data)
+    comma = np.tile(np.frombuffer(b", ", dtype=np.uint8), (matrix.nnz, 1))
+    comma_keep = np.ones(comma.shape, dtype=bool)
+    ends = matrix.indptr[1:][np.diff(matrix.indptr) > 0] - 1
+    comma_keep[ends] = False  # no comma after a row's last pair
+    keep = np.hstack([name_keep, digit_keep, comma_keep])
+    pairs = np.hstack([names, digits, comma])[keep].tobytes()
+    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])[matrix.indptr].tolist()
+    return [b'%s"vector": {%s}}\n' % (head, pairs[offsets[row] : offsets[row + 1]]) for row, head in enumerate(heads)]
 
 
 def export(docs, queries, vocab: list[str], out: Path, fmt: str) -> float:
     """Write the files; return documents per second (from the cache: no encoding)."""
     out.mkdir(parents=True, exist_ok=True)
-    tokens_json = np.array([json.dumps(t) for t in vocab], dtype=object)
+    tokens = token_fields(vocab)
     started, written, part, file_no, lines = time.perf_counter(), 0, None, 0, 0
     ids = [json.dumps(d) for d in docs.doc_ids]
     handle = None
@@ -65,19 +114,24 @@ def export(docs, queries, vocab: list[str], out: Path, fmt: str) -> float:
         matrix.sort_indices()
         rows = range(written, written + matrix.shape[0])
         if fmt == "anserini":
-            block = vector_lines(quantize(matrix), tokens_json, [ids[r] for r in rows], "id", ', "contents": ""', str)
+            heads = [f'{{"id": {ids[r]}, "contents": "", '.encode() for r in rows]
+            block = vector_lines(quantize(matrix), tokens, heads, int_fields)
         else:
-            block = vector_lines(matrix, tokens_json, [str(r) for r in rows], "id", ', "content": ""', repr)
-        for line in block:
+            matrix.eliminate_zeros()
+            heads = [f'{{"id": {r}, "content": "", '.encode() for r in rows]
+            block = vector_lines(matrix, tokens, heads, float_fields)
+        while block:
             if handle is None or (fmt == "anserini" and lines == LINES_PER_FILE):
                 if handle:
                     handle.close()
                     part.__exit__(None, None, None)
                 name = f"docs-{file_no:05d}.jsonl" if fmt == "anserini" else "docs.jsonl"
                 part = atomic_path(out / name)
-                handle, lines, file_no = open(part.__enter__(), "w", encoding="utf-8"), 0, file_no + 1
-            handle.write(line)
-            lines += 1
+                handle, lines, file_no = open(part.__enter__(), "wb"), 0, file_no + 1
+            room = LINES_PER_FILE - lines if fmt == "anserini" else len(block)
+            handle.write(b"".join(block[:room]))
+            lines += len(block[:room])
+            block = block[room:]
         written += matrix.shape[0]
     if handle:
         handle.close()
@@ -95,8 +149,10 @@ def export(docs, queries, vocab: list[str], out: Path, fmt: str) -> float:
                     words = [" ".join([vocab[t]] * int(n)) for t, n in zip(q.indices[lo:hi], q.data[lo:hi])]
                     f.write(f"{qid}\t{' '.join(words)}\n")
         else:
-            lines = vector_lines(vectors, tokens_json, [json.dumps(q) for q in query_ids], "id", "", repr)
-            (out / "queries.jsonl").write_text("".join(lines), encoding="utf-8")
+            vectors = vectors.tocsr()
+            vectors.eliminate_zeros()
+            heads = [f'{{"id": {json.dumps(q)}, '.encode() for q in query_ids]
+            (out / "queries.jsonl").write_bytes(b"".join(vector_lines(vectors, tokens, heads, float_fields)))
     return rate
 
 
