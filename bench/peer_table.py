@@ -49,7 +49,8 @@ def tune_seismic(engine: SeismicEngine, index, queries, exact10) -> dict[str, di
     """The fastest grid setting reaching each target recall@10 (or the most accurate one), one thread."""
     engine.num_threads, measured = 1, []
     for setting in GRID:
-        engine.setting = setting
+        if setting:
+            engine.setting = setting
         result, ms = _timed(lambda: engine.search(index, queries, 10), queries)
         measured.append((setting, recall_of_exact(result, exact10, 10), ms))
         print(f"  seismic {setting}: recall@10 {measured[-1][1]:.3f}, {ms:.2f} ms/query (1 thread)")
@@ -115,3 +116,48 @@ def print_table(rows: list[dict], title: str) -> None:
                 else f"{v:.3f}" if c.startswith(("recall", "ndcg")) else f"{v:,.2f}"
             )  # fmt: skip
         print(f"| {row['engine']} | " + " | ".join(cells) + " |")
+
+
+def beir_rows(model_path: str, folder: str, cache_dir: str) -> list[dict]:
+    """A real corpus: encode it with the model (evaluate.py's cache), then every engine's nDCG@10 and R@1k on the
+    qrels, its agreement with our exact top k and its ms/query (one thread), exactly as evaluate.py scores them."""
+    import evaluate
+    from encoding import Encoder, load_model, model_fingerprint, model_on_device, resolve_precision
+
+    [eval_set] = evaluate.eval_sets_of([folder], None, Path(cache_dir), "test", False, False)
+    model = load_model(model_path, None)
+    with model_on_device(model, None, None) as device:
+        fingerprint = model_fingerprint(model_path, model)
+        encoder = Encoder(model, fingerprint, Path(cache_dir) / "doc_vectors", 64, device,
+                          resolve_precision("auto", device), 0, 1, True)  # fmt: skip
+        docs = encoder.documents(eval_set.corpus_file)
+        queries = encoder.texts(list(eval_set.queries.values()), desc="encode queries")
+    index = retrieval.build_index(docs.shards)
+    ties = retrieval.trec_tie_ranks(docs.doc_ids)
+    numba.set_num_threads(1)
+
+    def scored(name, engine, k=1000):
+        metrics, result = evaluate.evaluate_on_index(eval_set, index, docs.doc_ids, ties, queries, k, False, engine)
+        row = {"engine": name, "ndcg@10": metrics["ndcg@10"], "R@1k": metrics["recall@1000"]}
+        row["ms/query"] = metrics["search_seconds"] / queries.shape[0] * 1e3
+        return row, result
+
+    ours, exact = scored("ours (exact)", None)
+    bmp = BmpEngine(directory=tempfile.mkdtemp(prefix="bench-bmp-"))
+    bmp.build(index)  # built before the timed searches, as ours is
+    engines = [("bmp (alpha=beta=1)", bmp, None)]
+    seismic = SeismicEngine(num_threads=1)
+    exact10 = retrieval.search(index, queries, k=10, tie_ranks=ties)
+    for name, setting in tune_seismic(seismic, index, queries, exact10).items():  # builds it
+        engines.append((f"{name} {setting}", seismic, setting))
+    rows = [ours]
+    for name, engine, setting in engines:
+        if setting:
+            engine.setting = setting
+        row, found = scored(name, engine)
+        row.update({f"recall@{k}": recall_of_exact(found, exact, k) for k in (10, 1000)})
+        rows.append(row)
+    ours.update({"recall@10": 1.0, "recall@1000": 1.0})
+    print(f"{eval_set.name}: {index.num_docs:,} documents, {queries.shape[0]:,} queries, "
+          f"FLOPS {retrieval.flops_statistic(queries, index):.2f}")  # fmt: skip
+    return rows
