@@ -11,10 +11,11 @@ researcher watches besides them (the current lambdas, the raw FLOPS values, acti
 query and per document) accumulates in the loss until `pop_stats()` hands the averages to the logs.
 The lambda warm-up follows `loss.step`, which the trainer sets to its optimizer step.
 
-Under autocast, the scores, margins and FLOPS are computed in fp32 from fp32 embeddings (the original's were fp16
-under its fp16 autocast). Under torchrun, every rank's queries and documents are all-gathered once per step, for the
-scores and the FLOPS together; in the last global batch of an epoch the ranks may hold unequal shares, and each
-rank's mean is weighted so that DDP's average of the gradients is the mean over the global batch.
+Under autocast, the scores, margins and FLOPS are computed in fp32 from fp32 embeddings (the original's scores, a
+matrix product, were fp16 under its fp16 autocast). Under torchrun, every rank's queries and documents are
+all-gathered once per step, for the scores and the FLOPS together; in the last global batch of an epoch the ranks
+may hold unequal shares, and each rank's mean is weighted so that DDP's average of the gradients is the mean over
+the global batch.
 """
 
 from __future__ import annotations

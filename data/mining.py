@@ -395,7 +395,7 @@ def _load_passages(path, needed):
     state = np.zeros(int(needed[-1]) + 1 if len(needed) else 0, dtype=np.uint8)
     state[needed] = 1
     state = bytearray(state.tobytes())
-    stats = Counter()
+    stats, repeats = Counter(), {}
 
     def wanted_items():
         for pid, text in iter_id_text(path, desc=f"reading {Path(path).name} ({len(needed):,} passages needed)"):
@@ -404,10 +404,16 @@ def _load_passages(path, needed):
             if s == 1:
                 state[pid] = 2
                 yield pid, text
-            elif s == 2:  # a repeated id keeps its first text
+            elif s == 2:
                 stats["repeated_ids"] += 1
+                repeats[pid] = text
 
     table = TextTable.from_items(wanted_items())
+    if repeats:  # the original's dict kept a repeated id's last text (the real collection.tsv repeats none)
+        table = TextTable.from_items(
+            (pid, repeats[pid] if pid in repeats else table.blob[table.offsets[k] : table.offsets[k + 1]].tobytes())
+            for k, pid in enumerate(table.ids.tolist())
+        )
     return table, {"lines_read": stats["lines_read"], "repeated_ids": stats["repeated_ids"]}
 
 

@@ -203,7 +203,7 @@ def format_report(report):
     c = report["collection"]
     lines.append(
         f"  passages referenced: {report['passages_referenced']:,} (collection lines read: {c['lines_read']:,}"
-        + (f", repeated ids ignored: {c['repeated_ids']:,}" if c["repeated_ids"] else "")
+        + (f", repeated ids (their last text kept): {c['repeated_ids']:,}" if c["repeated_ids"] else "")
         + ")"
     )
     lines.append(f"  took {report['seconds']} s, peak RSS {report['peak_rss_mb']:,} MB")

@@ -69,7 +69,7 @@ def _drop_excluded(docs, scores, skip):
 
 @dataclass
 class SeismicEngine:
-    setting: str = "accurate"
+    setting: str | dict = "accurate"  # a SEISMIC_SEARCH name, or its own query_cut and heap_factor
     num_threads: int = 1
     built: object = None
     build_seconds: float = 0.0
@@ -104,7 +104,7 @@ class SeismicEngine:
             query_components=terms,
             query_values=values,
             k=k + extra,
-            **SEISMIC_SEARCH[self.setting],
+            **(SEISMIC_SEARCH[self.setting] if isinstance(self.setting, str) else self.setting),
             num_threads=self.num_threads,
         )
         rows = [([], [])] * queries.shape[0]

@@ -36,3 +36,30 @@ def test_exports_parse_back_to_our_vectors(splade_tiny_path, tmp_path):
     for row, doc in enumerate(seismic):
         got = {vocab[token]: np.float32(w) for token, w in doc["vector"].items()}
         assert got == dict(zip(docs[row].indices.tolist(), docs[row].data.tolist()))
+
+
+def lines_of_single_values(values, as_floats):
+    """vector_lines over one value per row (token "t"): the values as export writes them, parsed by json."""
+    n = len(values)
+    matrix = sp.csr_matrix((values, np.zeros(n, dtype=np.int32), np.arange(n + 1)), (n, 1))
+    text, ends = export.vector_lines(matrix, export.token_fields(["t"]), [b"{"] * n, as_floats)
+    lines = bytes(text).decode().splitlines()
+    assert len(lines) == len(ends) == n and ends[-1] == len(text)
+    return [json.loads(line)["vector"]["t"] for line in lines], [line.split('"t": ')[1][:-2] for line in lines]
+
+
+def test_weights_read_back_exactly():
+    """Seismic's weights as 9 significant digits: every float32 comes back exactly, powers of 10 included; Anserini's
+    integers as they are."""
+    rng = np.random.default_rng(0)
+    edges = [10.0**e for e in range(-12, 9)] + [np.nextafter(np.float32(10.0**e), np.float32(0)) for e in range(-6, 6)]
+    values = np.concatenate([rng.gamma(2, 0.4, 200_000), rng.uniform(1e-7, 1e-3, 20_000), edges]).astype(np.float32)
+    back, texts = lines_of_single_values(values, as_floats=True)
+    assert np.array_equal(np.array(back, dtype=np.float64).astype(np.float32), values)
+    assert all(len(t) == 13 and t[0] != "0" for t in texts)  # JSON numbers: no leading zero
+    # float64 just below a power of 10, where floor(log10) is one too high or the mantissa rounds up to 10 digits
+    below = np.array([np.nextafter(10.0**e, 0) for e in range(-8, 9)])
+    back, _ = lines_of_single_values(below, as_floats=True)
+    assert np.array_equal(np.array(back).astype(np.float32), below.astype(np.float32))
+    integers = np.array([1, 9, 10, 99, 100, 101, 999, 1000, 12345, 2**40 + 7], dtype=np.int64)
+    assert lines_of_single_values(integers, as_floats=False)[0] == integers.tolist()

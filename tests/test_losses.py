@@ -96,8 +96,8 @@ def both_losses(groups, labels):
 
 
 def test_loss_arithmetic_is_fp32_under_bf16_autocast():
-    """Scores, margins and FLOPS in fp32 under autocast (the GPU training path; the original's were fp16): the same
-    terms as without autocast, where bf16 products would be off by ~1e-3."""
+    """Scores, margins and FLOPS in fp32 under autocast (the GPU training path; the original's scores were fp16): the
+    same terms as without autocast, where bf16 products would be off by ~1e-3."""
     groups = [g * 0.3 for g in random_groups(3, batch=16, vocab=3000, seed=1)]  # scores of a few units
     labels = torch.randn(16, generator=torch.Generator().manual_seed(2))
     reference = both_losses(groups, labels)

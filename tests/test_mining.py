@@ -47,10 +47,10 @@ def test_difference_systems_default_to_the_union_over_the_file_not_its_first_lin
 
 def test_difference_max_use_all_queries_gives_random_negatives_instead_of_crashing(tmp_path):
     lines = [
-        {"qid": 1, "pos": [1], "neg": {"s": [2, 3, 4]}},
+        {"qid": 1, "pos": [1], "neg": {"s": [2, 5]}},
         {"qid": 2, "pos": [5], "neg": {"s": [6, 1]}},
-    ]  # query 2: every negative above threshold
-    scores = {1: {1: 5.0, 2: 0.0, 3: 0.0, 4: 0.0}, 2: {5: 5.0, 6: 4.0, 1: 4.5}}
+    ]  # query 2: every negative above threshold; its positive 5 is one of query 1's mined negatives
+    scores = {1: {1: 5.0, 2: 0.0, 5: 0.0}, 2: {5: 5.0, 6: 4.0, 1: 4.5}}
     write_files(tmp_path, passages_for(range(1, 7)), {1: "a", 2: "b"}, lines, scores)
 
     ts = mine_max_examples(tmp_path, download=False)
@@ -60,8 +60,8 @@ def test_difference_max_use_all_queries_gives_random_negatives_instead_of_crashi
     ts = mine_max_examples(tmp_path, use_all_queries=True, num_negs_per_system=2, download=False)
     assert list(ts.qids) == [1, 2]
     assert ts.report["queries_with_random_negatives"] == 1
-    random_negs = negatives_of(ts, 1)
-    assert len(random_negs) == 2 and random_negs <= {2, 3, 4} and 5 not in random_negs
+    # the pool is query 1's mined negatives {2, 5}: both drawn, and 5, query 2's own positive, dropped
+    assert negatives_of(ts, 1) == {2}
     for epoch in range(3):  # it trains without the original's IndexError
         assert ts.example(1, epoch)[1] == "passage number 5"
 
@@ -324,3 +324,27 @@ def test_difference_negative_order_depends_only_on_seed_qid_and_pid(tmp_path):
         return [int(ts.passages.ids[k]) for k in ts.neg_idx[ts.neg_ptr[i] : ts.neg_ptr[i + 1]]]
 
     assert order(alone, 0) == order(after_another, 1) != list(range(10, 20))
+
+
+def test_a_repeated_passage_id_keeps_its_last_text_as_the_original(tmp_path):
+    """The original read the collection into a dict, so a repeated pid kept its last text; the report counts it."""
+    lines = [{"qid": 1, "pos": [10], "neg": {"s": [20, 30]}}]
+    scores = {1: {10: 5.0, 20: 0.0, 30: 0.0}}
+    write_files(tmp_path, passages_for([10, 20, 30]), {1: "a query"}, lines, scores)
+    with open(tmp_path / "collection.tsv", "a") as f:
+        f.write("20\tthe second text of 20\n10\tthe second text of 10\n10\tthe third text of 10\n")
+    ts = mine_max_examples(tmp_path, download=False)
+    texts = {int(pid): ts.passages.text(k) for k, pid in enumerate(ts.passages.ids)}
+    assert texts == {10: "the third text of 10", 20: "the second text of 20", 30: "passage number 30"}
+    assert ts.report["collection"]["repeated_ids"] == 3
+    assert ts.example(0, 0)[1] == "the third text of 10"
+
+
+def test_difference_an_invalid_utf8_byte_becomes_a_replacement_character(tmp_path):
+    """The original's strict utf-8 read stopped on a stray byte; here the passage trains with U+FFFD in its place."""
+    lines = [{"qid": 1, "pos": [10], "neg": {"s": [20]}}]
+    write_files(tmp_path, passages_for([20]), {1: "a query"}, lines, {1: {10: 5.0, 20: 0.0}})
+    with open(tmp_path / "collection.tsv", "ab") as f:
+        f.write(b"10\tcaf\xe9 au lait\n")  # latin-1, not utf-8
+    ts = mine_max_examples(tmp_path, download=False)
+    assert ts.example(0, 0)[1] == "caf\ufffd au lait"

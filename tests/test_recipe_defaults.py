@@ -42,8 +42,10 @@ def test_defaults_are_the_originals():
     assert args.save_steps == 0 and args.save_total_limit is None  # a checkpoint every epoch, all kept
     # Difference: the results table's lambdas; the original's argparse had them swapped (0.0006 / 0.0008).
     assert (args.lambda_q, args.lambda_d) == (0.0008, 0.0006)
+    assert args.eval_steps is None  # the difference "in-training evaluation": once per epoch
     args = parse(train_distill, [])
     assert (args.train_batch_size, args.max_seq_length, args.lambda_q, args.lambda_d) == (64, 256, 0.1, 0.08)
+    assert args.lambda_warmup_steps == 0 and args.eval_steps is None  # constant lambda, as the original
     assert args.save_steps == 10_000 and args.max_passages == 0
 
 
