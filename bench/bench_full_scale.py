@@ -19,7 +19,8 @@ so stages can be rerun alone; every stage records the git commit it measured):
   vectors        WORK/vectors-F: SPLADE-like document shards (400k rows, ~135 terms each) and --search_queries
                  queries (32 terms) whose FLOPS statistic is about F = 1.1 and 3.8 (the table's models)
   index          evaluate.py's index build from the shard files (+ the TREC tie ranks) and exact top-1000
-                 search with 1 and 2 numba threads, per FLOPS: seconds, peak RSS, ms per query
+                 search with 1 and 2 numba threads, per FLOPS: seconds, peak RSS, ms per query (search "auto",
+                 as evaluate.py runs it; also per method, kernel and pruned, and at top-10 with 1 thread)
   dev_eval       one in-training dev evaluation (dev_eval.DevRetrievalEvaluator) at the default size, 500
                  queries x 100k passages sampled from collection.tsv, with --model (splade-tiny)
 
@@ -95,16 +96,21 @@ flops = retrieval.flops_statistic(queries, index)
 started = time.time()
 retrieval.search(index, queries[:2], k=1000, tie_ranks=tie_ranks)  # compiles unless numba's cache has it
 first_call_s = time.time() - started
-ms = {}
-for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-    numba.set_num_threads(threads)
-    started = time.perf_counter()
-    retrieval.search(index, queries, k=1000, tie_ranks=tie_ranks)
-    ms[str(threads)] = round((time.perf_counter() - started) / queries.shape[0] * 1e3, 2)
+by_method = {}  # method -> k -> threads -> ms/query; "auto" (what evaluate.py runs) is the reported figure
+for method in ("auto", "kernel", "pruned"):
+    for k in (1000, 10):
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}) if k == 1000 else [1]:
+            numba.set_num_threads(threads)
+            started = time.perf_counter()
+            retrieval.search(index, queries, k=k, tie_ranks=tie_ranks, method=method)
+            ms_q = round((time.perf_counter() - started) / queries.shape[0] * 1e3, 2)
+            by_method.setdefault(method, {}).setdefault(str(k), {})[str(threads)] = ms_q
+ms = by_method["auto"]["1000"]
 result = {"index_build_s": round(build_s, 1), "index_build_peak_rss_mb": round(build_peak), "flops": round(flops, 3),
           "docs": index.num_docs, "postings": index.nnz, "index_gib": round(index.nbytes / 2**30, 2),
           "queries": queries.shape[0], "query_terms": round(queries.nnz / queries.shape[0], 1),
-          "first_call_s": round(first_call_s, 1), "search_ms_per_query": ms}
+          "first_call_s": round(first_call_s, 1), "search_ms_per_query": ms, "search_ms_by_method": by_method,
+          "peak_rss_mb_after_search": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 """
     + RESULT
 )

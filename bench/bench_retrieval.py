@@ -37,6 +37,9 @@ import psutil
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import peer_table  # noqa: E402
+from common import SHARED  # noqa: E402
+
 import retrieval  # noqa: E402
 
 VOCAB = 30522
@@ -174,6 +177,10 @@ def main():
     parser.add_argument(
         "--shards_dir", type=Path, help="MS MARCO scale: write the documents as shards here, index from them, no scipy"
     )
+    parser.add_argument("--peers", type=int, default=0, help="also run BMP and Seismic on this many of the queries")
+    parser.add_argument("--beir", help="with --peers: a BEIR folder, encoded by --model, for nDCG@10 per engine")
+    parser.add_argument("--model", default=str(SHARED / "models" / "splade-tiny"))
+    parser.add_argument("--cache_dir", default="/tmp/bench-retrieval-cache", help="document vectors of --beir")
     args = parser.parse_args()
 
     p = term_distribution(args.offset)
@@ -212,6 +219,13 @@ def main():
     if args.pruned_ks:
         compare_pruned(index, queries, args.pruned_ks)
     numba.set_num_threads(threads)
+    if args.peers:  # the peer engines on the same vectors, then on a real corpus encoded by --model
+        rows = peer_table.peer_rows(index, queries[: args.peers], build_s=build_seconds)
+        shown = min(args.peers, queries.shape[0])
+        peer_table.print_table(rows, f"{index.num_docs:,} synthetic documents, {shown} queries")
+        if args.beir:
+            rows = peer_table.beir_rows(args.model, args.beir, args.cache_dir)
+            peer_table.print_table(rows, f"{Path(args.beir).name}, {Path(args.model).name}")
     if args.shards_dir or not args.scipy_queries:
         return
     result = retrieval.search(index, queries[: args.scipy_queries], k=args.k, method="kernel")

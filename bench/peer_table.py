@@ -61,11 +61,11 @@ def tune_seismic(engine: SeismicEngine, index, queries, exact10) -> dict[str, di
     return chosen
 
 
-def peer_rows(index, queries, threads=(1, 2)) -> list[dict]:
+def peer_rows(index, queries, build_s=None, threads=(1, 2)) -> list[dict]:
     """One row per engine: build_s, index_bytes, ms/query per (k, threads), recall@10 and @1000 of our exact top k."""
     ks, default_threads = (10, 1000), numba.get_num_threads()
     exact, rows = {}, []
-    ours = {"engine": "ours (exact)", "build_s": None, "index_bytes": index.nbytes}
+    ours = {"engine": "ours (exact)", "build_s": build_s, "index_bytes": index.nbytes}
     for n in threads:
         numba.set_num_threads(n)
         retrieval.search(index, queries[:2], k=10)  # compiles once (numba's cache keeps it)
