@@ -39,6 +39,40 @@ def _keep_best(keys, n, k):
     return best.min()
 
 
+@numba.njit(inline="always")
+def _offer(keys, n_keys, key, k, bar_key, bar_bits):
+    """Add a ranking key to the buffer; a full buffer (2k keys) is cut back to its best k (a partition, linear
+    time), which raises the bar. Returns the new (n_keys, bar_key, bar_bits)."""
+    keys[n_keys] = key
+    n_keys += 1
+    if n_keys < keys.shape[0]:
+        return n_keys, bar_key, bar_bits
+    bar_key = _keep_best(keys, n_keys, k)
+    return k, bar_key, np.int32(bar_key >> 32)
+
+
+@numba.njit(inline="always")
+def _add_postings(acc, doc_index, weights, begin, stop, qw, block_start):
+    for p in range(begin, stop):
+        acc[np.uint32(doc_index[p] - block_start)] += qw * weights[p]  # unsigned: no wraparound test
+
+
+@numba.njit(inline="always")
+def _write_best(keys, n_keys, k, row, doc_of_rank, out):
+    """Best first into row of out = (out_doc, out_score_bits, out_hits): sort the kept keys, decode score bits
+    and document; the rest of the row is -1 / 0."""
+    out_doc, out_score_bits, out_hits = out
+    size = min(n_keys, k)
+    best = np.sort(keys[:n_keys])[::-1][:size]
+    out_hits[row] = size
+    for pos in range(size):
+        out_score_bits[row, pos] = np.int32(best[pos] >> 32)
+        out_doc[row, pos] = doc_of_rank[RANK_LIMIT - (best[pos] & RANK_LIMIT)]
+    for pos in range(size, k):
+        out_doc[row, pos] = -1
+        out_score_bits[row, pos] = 0
+
+
 @numba.njit(parallel=True, cache=True)
 def _search_queries(
     term_ptr,
@@ -55,22 +89,18 @@ def _search_queries(
     tie_rank,
     doc_of_rank,
     exclude,
-    acc_workspace,
-    cursor_workspace,
-    key_workspace,
-    out_doc,
-    out_score_bits,
-    out_hits,
+    workspace,
+    out,
 ):
     """Score queries first_query..last_query-1 exactly and keep each one's top k.
 
     Term-at-a-time in blocks of documents: for each block, add every query term's postings that
     fall in it (posting lists are sorted by document: one cursor per term walks forward) into a
     small accumulator, then scan the accumulator. Hits that beat the current k-th best go into a
-    buffer of 2k ranking keys; a full buffer is cut back to its best k (a partition, linear time),
-    which raises the bar. One thread per workspace row; thread t takes queries first+t, first+t+n..."""
+    buffer of 2k ranking keys (_offer). workspace = (accumulators, cursors, key buffers), a row per
+    thread; thread t takes queries first+t, first+t+n...; out = (out_doc, out_score_bits, out_hits)."""
+    acc_workspace, cursor_workspace, key_workspace = workspace
     n_threads = acc_workspace.shape[0]
-    capacity = key_workspace.shape[1]
     for t in numba.prange(n_threads):
         acc = acc_workspace[t]
         acc_bits = acc.view(np.int32)
@@ -93,8 +123,7 @@ def _search_queries(
                     begin = cursor[j]
                     end = term_ptr[q_terms[q_first + j] + 1]
                     stop = begin + np.searchsorted(doc_index[begin:end], block_end)
-                    for p in range(begin, stop):
-                        acc[np.uint32(doc_index[p] - block_start)] += qw * weights[p]  # unsigned: no wraparound test
+                    _add_postings(acc, doc_index, weights, begin, stop, qw, block_start)
                     cursor[j] = stop
                     touched = touched or stop > begin
                 if not touched:
@@ -111,24 +140,10 @@ def _search_queries(
                     key = _pack(bits, tie_rank[d])
                     if key <= bar_key or d == skip:
                         continue
-                    keys[n_keys] = key
-                    n_keys += 1
-                    if n_keys == capacity:
-                        bar_key = _keep_best(keys, n_keys, k)
-                        bar_bits = np.int32(bar_key >> 32)
-                        n_keys = k
+                    n_keys, bar_key, bar_bits = _offer(keys, n_keys, key, k, bar_key, bar_bits)
 
-            # Best first: sort the kept keys, decode score bits and document.
             row = qi - first_query
-            size = min(n_keys, k)
-            best = np.sort(keys[:n_keys])[::-1][:size]
-            out_hits[row] = size
-            for pos in range(size):
-                out_score_bits[row, pos] = np.int32(best[pos] >> 32)
-                out_doc[row, pos] = doc_of_rank[RANK_LIMIT - (best[pos] & RANK_LIMIT)]
-            for pos in range(size, k):
-                out_doc[row, pos] = -1
-                out_score_bits[row, pos] = 0
+            _write_best(keys, n_keys, k, row, doc_of_rank, out)
 
 
 # Relative slack on every pruning bound, per query term: a float32 sum of n positive products in any
@@ -251,12 +266,8 @@ def _search_queries_pruned(
     tie_rank,
     doc_of_rank,
     exclude,
-    acc_workspace,
-    cursor_workspace,
-    key_workspace,
-    out_doc,
-    out_score_bits,
-    out_hits,
+    workspace,
+    out,
     out_stats,
     ne_fraction,
     lookup_cost,
@@ -277,8 +288,8 @@ def _search_queries_pruned(
     cost more than the postings they spared, and for k > prune_max_k, blocks are scored exhaustively
     (with the same scan: runs of SCAN_RUN entries below the floor cost one vectorised max).
     out_stats[row]: postings added, NE look-ups, candidates looked up, survivors re-scored."""
+    acc_workspace, cursor_workspace, key_workspace = workspace
     n_threads = acc_workspace.shape[0]
-    capacity = key_workspace.shape[1]
     max_terms = cursor_workspace.shape[1]
     for t in numba.prange(n_threads):
         acc = acc_workspace[t]
@@ -380,13 +391,11 @@ def _search_queries_pruned(
                     hstop = _gallop(high_doc, hbegin, high_ptr[term + 1], block_end)
                     hstop_at[j] = hstop
                     if state[j] == FULL:
-                        for p in range(begin, stop):
-                            acc[np.uint32(doc_index[p] - block_start)] += qw * weights[p]  # unsigned: no wrap test
+                        _add_postings(acc, doc_index, weights, begin, stop, qw, block_start)
                         n_added += stop - begin
                         touched = touched or stop > begin
                     elif state[j] == SPLIT:
-                        for p in range(hbegin, hstop):
-                            acc[np.uint32(high_doc[p] - block_start)] += qw * high_weight[p]
+                        _add_postings(acc, high_doc, high_weight, hbegin, hstop, qw, block_start)
                         n_added += hstop - hbegin
                         spared += (stop - begin) - (hstop - hbegin)
                         touched = touched or hstop > hbegin
@@ -465,14 +474,9 @@ def _search_queries_pruned(
                         key = _pack(bits, tie_rank[d])
                         if key <= bar_key or d == skip:
                             continue
-                        keys[n_keys] = key
-                        n_keys += 1
-                        if n_keys == capacity:
-                            bar_key = _keep_best(keys, n_keys, k)
-                            bar_bits = np.int32(bar_key >> 32)
-                            n_keys = k
-                            if not prune:
-                                floor_bits = max(bar_bits, np.int32(1))
+                        n_keys, bar_key, bar_bits = _offer(keys, n_keys, key, k, bar_key, bar_bits)
+                        if not prune:
+                            floor_bits = max(bar_bits, np.int32(1))
                 acc[:n_local] = 0
                 for j in range(n_terms):
                     cursor[j] = stop_at[j]
@@ -487,15 +491,7 @@ def _search_queries_pruned(
                 block_start = block_end
 
             row = qi - first_query
-            size = min(n_keys, k)
-            best = np.sort(keys[:n_keys])[::-1][:size]
-            out_hits[row] = size
-            for pos in range(size):
-                out_score_bits[row, pos] = np.int32(best[pos] >> 32)
-                out_doc[row, pos] = doc_of_rank[RANK_LIMIT - (best[pos] & RANK_LIMIT)]
-            for pos in range(size, k):
-                out_doc[row, pos] = -1
-                out_score_bits[row, pos] = 0
+            _write_best(keys, n_keys, k, row, doc_of_rank, out)
             out_stats[row, 0] = n_added
             out_stats[row, 1] = n_lookups
             out_stats[row, 2] = n_cands
@@ -538,12 +534,8 @@ def search_with_kernel(index, queries, k, tie_ranks, doc_of_rank, exclude, step,
             tie_ranks,
             doc_of_rank,
             exclude,
-            acc_workspace,
-            cursor_workspace,
-            key_workspace,
-            out_doc[first:last],
-            out_score_bits[first:last],
-            out_hits[first:last],
+            (acc_workspace, cursor_workspace, key_workspace),
+            (out_doc[first:last], out_score_bits[first:last], out_hits[first:last]),
         )
         if pruned:
             _search_queries_pruned(*head, *tail, stats[first:last], NE_FRACTION, LOOKUP_COST, PRUNE_MAX_K)
