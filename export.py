@@ -16,10 +16,12 @@ The document vectors come from evaluate.py's cache (encoded once, shared with ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numba
@@ -34,6 +36,7 @@ from errors import UserError, main_exits_2_on_user_error
 
 LINES_PER_FILE = 1_000_000  # Anserini's JsonVectorCollection: files of at most 1M documents
 SCALE = 100  # weight -> integer impact, as NAVER indexed these models with Anserini
+BLOCK_ROWS = 2048  # lines formatted at a time
 
 
 def quantize(matrix: sp.csr_matrix) -> sp.csr_matrix:
@@ -59,12 +62,17 @@ def token_fields(vocab: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return _concatenated([(json.dumps(token) + ": ").encode() for token in vocab])
 
 
+_POW10 = 10.0 ** np.arange(-80, 81)  # _POW10[80 + k] = 10**k, spanning float32's range
+_TEN, _E2, _E4, _E8 = np.uint64(10), np.uint64(100), np.uint64(10**4), np.uint64(10**8)
+_DIGIT_PAIRS = np.frombuffer(b"".join(b"%02d" % n for n in range(100)), dtype=np.uint8)  # "00" "01" ... "99"
+
+
 @numba.njit(inline="always")
 def _write_int(value, out, pos):
     """Decimal digits of value >= 0; returns the position after them."""
-    digits = 1
-    while value >= 10**digits:
-        digits += 1
+    digits, limit = 1, 10
+    while value >= limit:
+        digits, limit = digits + 1, limit * 10
     for d in range(digits - 1, -1, -1):
         out[pos + d] = 48 + value % 10
         value //= 10
@@ -72,21 +80,42 @@ def _write_int(value, out, pos):
 
 
 @numba.njit(inline="always")
+def _write_pair(n, out, pos):
+    out[pos] = _DIGIT_PAIRS[2 * n]
+    out[pos + 1] = _DIGIT_PAIRS[2 * n + 1]
+
+
+@numba.njit(inline="always")
 def _write_float(w, out, pos):
     """w > 0 as 9 significant digits and an exponent ('287835360e-09'). 9 digits read back to the same float32,
-    always; repr would write the float64 digits of the float32 value, 17 of them."""
-    exponent = int(math.floor(math.log10(w))) - 8
-    # Next to a power of 10 (float64 input only) this gives 10 or 8 digits that still read back to the same float32.
-    pos = _write_int(int(round(w * 10.0**-exponent)), out, pos)
+    always; repr would write the float64 digits of the float32 value, 17 of them. The formatting is the export's
+    main cost, so no log10, pow or digit loop: 10**floor(log10 w) from the binary exponent and a table, then the
+    digits two at a time (3x faster)."""
+    e10 = int(math.floor((math.frexp(w)[1] - 1) * 0.30102999566398120))  # floor(log10 w), or one less
+    if w >= _POW10[81 + e10]:
+        e10 += 1
+    exponent = e10 - 8
+    value = np.uint64(np.rint(w * _POW10[80 - exponent]))
+    if value < _E8 or value >= _E8 * _TEN:
+        # Next to a power of 10 (float64 input only): 8 or 10 digits, which still read back to the same float32.
+        pos = _write_int(value, out, pos)
+    else:  # unsigned: numba's // on signed integers adds floor corrections, and mixed with int64 goes float64
+        first = value // _E8
+        rest = value - first * _E8
+        high, low = rest // _E4, rest % _E4
+        out[pos] = 48 + first
+        _write_pair(high // _E2, out, pos + 1)
+        _write_pair(high % _E2, out, pos + 3)
+        _write_pair(low // _E2, out, pos + 5)
+        _write_pair(low % _E2, out, pos + 7)
+        pos += 9
     out[pos] = 101  # e
     out[pos + 1] = 45 if exponent < 0 else 43  # - or +
-    exponent = abs(exponent)
-    out[pos + 2] = 48 + exponent // 10
-    out[pos + 3] = 48 + exponent % 10
+    _write_pair(abs(exponent), out, pos + 2)
     return pos + 4
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _write_lines(indptr, indices, values, as_floats, tok_buf, tok_ptr, head_buf, head_ptr, out, line_end):
     """Row r: head r, then '"vector": {' pairs '}}\n' (the head ends where the vector begins)."""
     pos = 0
@@ -115,8 +144,9 @@ def _write_lines(indptr, indices, values, as_floats, tok_buf, tok_ptr, head_buf,
 def vector_lines(matrix: sp.csr_matrix, tokens, heads: list[bytes], as_floats: bool) -> tuple[memoryview, np.ndarray]:
     """One JSON line per row, head + '"vector": {"token": value, ...}}\n', back to back, and where each line ends.
     tokens: token_fields(vocab); values: positive integers, or positive floats (as_floats) read back exactly."""
-    if matrix.nnz and not (matrix.data.min() > 0 and (as_floats or matrix.data.max() < 2**62)):
-        raise ValueError("export: weights must be > 0 (zeros are dropped before)")
+    low, high = (1e-45, 3.4e38) if as_floats else (1, 2**62)  # floats: float32's positive range
+    if matrix.nnz and not (matrix.data.min() >= low and matrix.data.max() < high):
+        raise ValueError(f"export: weights must be in [{low}, {high}) (zeros are dropped before)")
     tok_buf, tok_ptr = tokens
     head_buf, head_ptr = _concatenated([head + b'"vector": {' for head in heads])
     widest = int(np.diff(tok_ptr).max(initial=0)) + 2 + 20  # a token, ", " and a number (int64 or float)
@@ -128,6 +158,40 @@ def vector_lines(matrix: sp.csr_matrix, tokens, heads: list[bytes], as_floats: b
     return memoryview(out[:used]), line_end
 
 
+class DocumentFiles:
+    """docs.jsonl (seismic), or docs-00000.jsonl ... of at most LINES_PER_FILE lines each (anserini); each file is
+    complete under its name or absent (atomic_path), also when the export fails half-way."""
+
+    def __init__(self, out: Path, fmt: str):
+        self.out, self.fmt = out, fmt
+        self.limit = LINES_PER_FILE if fmt == "anserini" else sys.maxsize
+        self.current, self.handle, self.lines, self.files = contextlib.ExitStack(), None, 0, 0
+
+    def write(self, text: memoryview, line_end: np.ndarray) -> None:
+        done = 0  # lines of this block written
+        while done < len(line_end):
+            if self.handle is None or self.lines == self.limit:
+                self._next_file()
+            take = min(self.limit - self.lines, len(line_end) - done)
+            start = line_end[done - 1] if done else 0
+            self.handle.write(text[start : line_end[done + take - 1]])
+            self.lines, done = self.lines + take, done + take
+
+    def _next_file(self) -> None:
+        self.current.close()  # the previous file, complete: renamed to its name
+        name = f"docs-{self.files:05d}.jsonl" if self.fmt == "anserini" else "docs.jsonl"
+        self.current = contextlib.ExitStack()
+        self.handle = open(self.current.enter_context(atomic_path(self.out / name)), "wb")
+        self.current.enter_context(self.handle)
+        self.lines, self.files = 0, self.files + 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return self.current.__exit__(*exc_info)  # an exception: the unfinished file is deleted
+
+
 def export(docs, queries, vocab: list[str], out: Path, fmt: str) -> float:
     """Write the files; return documents per second (from the cache: no encoding)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -137,37 +201,32 @@ def export(docs, queries, vocab: list[str], out: Path, fmt: str) -> float:
     for values in (np.float32, np.int64):
         vector_lines(sp.csr_matrix((1, len(vocab)), dtype=values), tokens, [b"{"], as_floats=values is np.float32)
     log(f"export: line writer ready in {time.perf_counter() - started:.1f} s (numba; cached after the first run)")
-    started, cpu, written, part, file_no, lines = time.perf_counter(), time.process_time(), 0, None, 0, 0
+    started, cpu, written = time.perf_counter(), time.process_time(), 0
     ids = [json.dumps(d) for d in docs.doc_ids]
-    handle = None
-    for shard in docs.shards:
-        matrix = sp.load_npz(shard).tocsr()
-        matrix.sort_indices()
-        rows = range(written, written + matrix.shape[0])
-        if fmt == "anserini":
-            heads = [f'{{"id": {ids[r]}, "contents": "", '.encode() for r in rows]
-            text, line_end = vector_lines(quantize(matrix), tokens, heads, as_floats=False)
-        else:
-            matrix.eliminate_zeros()
-            heads = [f'{{"id": {r}, "content": "", '.encode() for r in rows]
-            text, line_end = vector_lines(matrix, tokens, heads, as_floats=True)
-        done = 0  # lines of this shard written
-        while done < len(line_end):
-            if handle is None or (fmt == "anserini" and lines == LINES_PER_FILE):
-                if handle:
-                    handle.close()
-                    part.__exit__(None, None, None)
-                name = f"docs-{file_no:05d}.jsonl" if fmt == "anserini" else "docs.jsonl"
-                part = atomic_path(out / name)
-                handle, lines, file_no = open(part.__enter__(), "wb"), 0, file_no + 1
-            take = min(LINES_PER_FILE - lines, len(line_end) - done) if fmt == "anserini" else len(line_end) - done
-            start = line_end[done - 1] if done else 0
-            handle.write(text[start : line_end[done + take - 1]])
-            lines, done = lines + take, done + take
-        written += matrix.shape[0]
-    if handle:
-        handle.close()
-        part.__exit__(None, None, None)
+    # One thread writes a block while the next is formatted (the writer releases the GIL): the file write costs
+    # about as much as the formatting, so on 2 cores the two overlap.
+    with DocumentFiles(out, fmt) as files, ThreadPoolExecutor(1) as writer:
+        pending = None
+        for shard in docs.shards:
+            matrix = sp.load_npz(shard).tocsr()
+            matrix.sort_indices()
+            if fmt == "anserini":
+                matrix = quantize(matrix)
+            else:
+                matrix.eliminate_zeros()
+            for lo in range(0, matrix.shape[0], BLOCK_ROWS):
+                rows = range(written + lo, written + min(lo + BLOCK_ROWS, matrix.shape[0]))
+                if fmt == "anserini":
+                    heads = [f'{{"id": {ids[r]}, "contents": "", '.encode() for r in rows]
+                else:
+                    heads = [f'{{"id": {r}, "content": "", '.encode() for r in rows]
+                lines = vector_lines(matrix[lo : lo + BLOCK_ROWS], tokens, heads, as_floats=fmt == "seismic")
+                if pending:
+                    pending.result()  # raises the writer's error, if any
+                pending = writer.submit(files.write, *lines)
+            written += matrix.shape[0]
+        if pending:
+            pending.result()
     rate = written / max(time.perf_counter() - started, 1e-9)
     per_cpu_s = written / max(time.process_time() - cpu, 1e-9)
     log(f"export: {written:,} documents, {rate:,.0f}/s wall, {per_cpu_s:,.0f} per CPU-second")

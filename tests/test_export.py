@@ -4,11 +4,13 @@ impacts equal to our quantized document vectors exactly."""
 import json
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 from test_evaluate import beir_subset
 
 import export
 from conftest import BEIR
+from encoding import DocVectors
 
 
 def test_exports_parse_back_to_our_vectors(splade_tiny_path, tmp_path):
@@ -53,6 +55,7 @@ def test_weights_read_back_exactly():
     integers as they are."""
     rng = np.random.default_rng(0)
     edges = [10.0**e for e in range(-12, 9)] + [np.nextafter(np.float32(10.0**e), np.float32(0)) for e in range(-6, 6)]
+    edges += [np.finfo(np.float32).smallest_subnormal, np.finfo(np.float32).tiny, 3e-39, 1e38, 3.3e38]
     values = np.concatenate([rng.gamma(2, 0.4, 200_000), rng.uniform(1e-7, 1e-3, 20_000), edges]).astype(np.float32)
     back, texts = lines_of_single_values(values, as_floats=True)
     assert np.array_equal(np.array(back, dtype=np.float64).astype(np.float32), values)
@@ -63,3 +66,55 @@ def test_weights_read_back_exactly():
     assert np.array_equal(np.array(back).astype(np.float32), below.astype(np.float32))
     integers = np.array([1, 9, 10, 99, 100, 101, 999, 1000, 12345, 2**40 + 7], dtype=np.int64)
     assert lines_of_single_values(integers, as_floats=False)[0] == integers.tolist()
+
+
+def random_shards(tmp_path, rows_per_shard, vocab_size, seed=0):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, rows in enumerate(rows_per_shard):
+        matrix = sp.random(rows, vocab_size, density=0.3, format="csr", dtype=np.float32, random_state=rng)
+        matrix.data = rng.gamma(2, 0.4, matrix.nnz).astype(np.float32) + 0.01
+        sp.save_npz(tmp_path / f"docs-{i:05d}.npz", matrix)
+        paths.append(tmp_path / f"docs-{i:05d}.npz")
+    return paths
+
+
+def test_files_and_blocks_split_anywhere(tmp_path, monkeypatch):
+    """Blocks (formatted while the previous one is written) and Anserini's files of at most LINES_PER_FILE lines
+    split the shards at unrelated rows: every document once, in order, no file longer than the limit."""
+    monkeypatch.setattr(export, "BLOCK_ROWS", 3)
+    monkeypatch.setattr(export, "LINES_PER_FILE", 7)
+    shards = random_shards(tmp_path, [5, 11, 2], vocab_size=12)
+    doc_ids = [f"d{i}" for i in range(18)]
+    docs = DocVectors(shards, doc_ids, 0.0, True)
+    vocab = [f"t{i}" for i in range(12)]
+    expected = sp.vstack([sp.load_npz(p) for p in shards]).tocsr()
+    export.export(docs, None, vocab, tmp_path / "a", "anserini")
+    files = sorted((tmp_path / "a").iterdir())
+    assert [f.name for f in files] == ["docs-00000.jsonl", "docs-00001.jsonl", "docs-00002.jsonl"]
+    lines = [[json.loads(line) for line in open(f)] for f in files]
+    assert [len(part) for part in lines] == [7, 7, 4]
+    rows = [doc for part in lines for doc in part]
+    assert [d["id"] for d in rows] == doc_ids
+    for row, doc in enumerate(rows):
+        want = {f"t{t}": int(round(100 * float(w))) for t, w in zip(expected[row].indices, expected[row].data)}
+        assert doc["vector"] == want
+    export.export(docs, None, vocab, tmp_path / "s", "seismic")
+    seismic = [json.loads(line) for line in open(tmp_path / "s" / "docs.jsonl")]
+    assert [d["id"] for d in seismic] == list(range(18))
+    for row, doc in enumerate(seismic):
+        got = {int(t[1:]): np.float32(w) for t, w in doc["vector"].items()}
+        assert got == dict(zip(expected[row].indices.tolist(), expected[row].data.tolist()))
+
+
+def test_failed_export_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A shard that cannot be read half-way: the files written completely stay, the one in progress is deleted."""
+    monkeypatch.setattr(export, "BLOCK_ROWS", 3)
+    monkeypatch.setattr(export, "LINES_PER_FILE", 4)
+    shards = random_shards(tmp_path, [6, 6], vocab_size=12)
+    shards[1].write_bytes(b"not an npz")
+    docs = DocVectors(shards, [f"d{i}" for i in range(12)], 0.0, True)
+    with pytest.raises(ValueError):
+        export.export(docs, None, [f"t{i}" for i in range(12)], tmp_path / "a", "anserini")
+    assert sorted(f.name for f in (tmp_path / "a").iterdir()) == ["docs-00000.jsonl"]
+    assert len(open(tmp_path / "a" / "docs-00000.jsonl").readlines()) == 4
