@@ -326,9 +326,10 @@ def _search_queries_pruned(
     order), largest bound first, dropping out once it can no longer reach theta. A survivor with a
     posting outside the parts added is re-scored over all its terms in the query's order, the
     exhaustive kernel's, so its float32 score is bit for bit the same; without one, the accumulator
-    already holds that sum. The first blocks are small (theta rises sooner); after a block whose look-ups
-    cost more than the postings they spared, and for k > prune_max_k, blocks are scored exhaustively
-    (with the same scan: runs of SCAN_RUN entries below the floor cost one vectorised max).
+    already holds that sum. Where it may prune (k <= prune_max_k), the first blocks are small (theta
+    rises sooner); after a block whose look-ups cost more than the postings they spared, and for
+    k > prune_max_k, blocks are scored exhaustively (with the same scan: runs of SCAN_RUN entries below
+    the floor cost one vectorised max).
     out_stats[row]: postings added, NE look-ups, candidates looked up, survivors re-scored."""
     acc_workspace, cursor_workspace, key_workspace = workspace
     n_threads = acc_workspace.shape[0]
@@ -377,7 +378,7 @@ def _search_queries_pruned(
             bar_bits = np.int32(0)
             skip = exclude[qi]
             block_start = 0
-            block_size = max(1, block_docs >> 3)
+            block_size = max(1, block_docs >> 3) if k <= prune_max_k else block_docs
             while block_start < num_docs:
                 block_end = min(block_start + block_size, num_docs)
                 block_size = min(2 * block_size, block_docs)  # small blocks first: theta rises sooner
